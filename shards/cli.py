@@ -1,0 +1,122 @@
+"""
+Command line: `mshg shard lsp|lspet|mpii|coco ...` and `mshg verify DIR`.
+pipeline/cli.py calls add_commands(subparsers); `python -m shards.cli ...` works on its own too.
+"""
+
+import argparse
+import os
+import sys
+
+from shards import datasets
+from shards.verify import verify
+from shards.write import ShardError, write_shards
+
+
+def add_output_options(p):
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard, about, at most")
+    p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--outside-margin", type=float, default=4.0,
+                   help="labelled joints further than this many px outside the image are dropped (reported)")
+    p.add_argument("--decode-check", action="store_true",
+                   help="also decode every JPEG (reduced size) while sharding; verify always decodes fully")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_commands(subparsers):
+    shard = subparsers.add_parser("shard", help="convert a pose dataset into WebDataset shards for DALI")
+    formats = shard.add_subparsers(dest="format", required=True)
+    for name, help_text in (("lspet", "LSP Extended: ROOT/joints.mat (14x3xN) and ROOT/images/im00001.jpg"),
+                            ("lsp", "original LSP: ROOT/joints.mat (3x14xN, 3rd row invisibility), ROOT/images/im0001.jpg")):
+        p = formats.add_parser(name, help=help_text)
+        p.add_argument("--root", required=True, help="dataset folder holding joints.mat and images/")
+        p.add_argument("--range", default=None, metavar="FIRST:LAST",
+                       help="1-based inclusive image numbers, e.g. 1:8000 for the LSPET train split")
+        add_output_options(p)
+        p.set_defaults(func=run_shard)
+    p = formats.add_parser("mpii", help="MPII: the JSON list {image, center, scale, joints, joints_vis} or the official .mat")
+    p.add_argument("--images", required=True, help="folder of the images")
+    p.add_argument("--annotations", required=True, help="annotation .json or mpii_human_pose_v1_u12_1.mat")
+    add_output_options(p)
+    p.set_defaults(func=run_shard)
+    p = formats.add_parser("coco", help="COCO person_keypoints_*.json: one sample per non-crowd person")
+    p.add_argument("--images", required=True, help="folder of the images, e.g. coco/val2017")
+    p.add_argument("--annotations", required=True, help="person_keypoints_*.json")
+    p.add_argument("--min-keypoints", type=int, default=1, help="persons with fewer labelled keypoints are skipped")
+    add_output_options(p)
+    p.set_defaults(func=run_shard)
+
+    p = subparsers.add_parser("verify", help="re-read shards against their manifest.json; non-zero exit on any problem")
+    p.add_argument("dir", help="shard directory holding manifest.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_verify)
+
+
+def read_records(args):
+    """-> (records, skipped, source) for the chosen format."""
+    if args.format in ("lsp", "lspet"):
+        first, last = datasets.parse_range(args.range)
+        reader = datasets.read_lsp if args.format == "lsp" else datasets.read_lspet
+        records, skipped = reader(args.root, first, last)
+        return records, skipped, {"root": args.root, "annotations": os.path.join(args.root, "joints.mat")}
+    source = {"images": args.images, "annotations": args.annotations}
+    if args.format == "mpii":
+        reader = datasets.read_mpii_mat if args.annotations.endswith(".mat") else datasets.read_mpii_json
+        records, skipped = reader(args.images, args.annotations)
+    else:
+        records, skipped = datasets.read_coco(args.images, args.annotations, args.min_keypoints)
+    return records, skipped, source
+
+
+def run_shard(args):
+    if args.workers < 1 or args.maxcount < 1:
+        print("error: --workers and --maxcount must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        records, skipped, source = read_records(args)
+    except (datasets.AnnotationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    saved_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "quiet")}
+    try:
+        manifest = write_shards(
+            records, skipped, args.format, args.out, prefix=args.prefix, maxcount=args.maxcount,
+            maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite, margin=args.outside_margin,
+            decode_check=args.decode_check, source=source, args=saved_args, progress=not args.quiet)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions, ... while writing: partial files were removed
+        print(f"error: writing shards to {args.out} failed: {e}", file=sys.stderr)
+        return 1
+    n, s = manifest["num_samples"], manifest["seconds"]
+    print(f"{n} samples in {len(manifest['shards'])} shards, {manifest['num_skipped']} skipped, "
+          f"{manifest['num_dropped_joints']} joints dropped, {n / max(s, 1e-9):.0f} img/s -> {args.out}/manifest.json")
+    reasons = {}
+    for item in manifest["skipped"]:
+        reason = item["reason"].split(":")[0].split(" (")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"  skipped {count}: {reason}")
+    return 0
+
+
+def run_verify(args):
+    problems = verify(args.dir, progress=not args.quiet)
+    for p in problems:
+        print(f"FAIL {args.dir}/{p}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problems in {args.dir}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.dir} matches its manifest")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m shards.cli")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    cli_args = parser.parse_args()
+    sys.exit(cli_args.func(cli_args))
