@@ -105,6 +105,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def config_from_yaml(text: str, source: str = "<yaml>") -> Config:
+    """A config saved with a run (e.g. in the weights file's metadata) back into the dataclasses."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.stop
     if not m.stages or any(len(st) != 2 or st[0] not in (2, 4, 8) or st[1] < 1 for st in m.stages):

@@ -1,0 +1,52 @@
+"""Heatmap targets and the summed per-module loss, batched on the training device.
+
+Keypoints arrive from the DALI pipeline in continuous crop coordinates (pixel i covers [i, i+1)),
+shape (B, J, 3) = x, y, labelled. A heatmap of stride s has pixel centres at (i + 0.5) * s, so a
+keypoint sits at heatmap index x / s - 0.5. Sigma is given at stride 4 and scales with the stride,
+so all resolutions mark the same physical neighbourhood.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def swap_flipped(keypoints: torch.Tensor, flip: torch.Tensor, flip_perm: list[int]) -> torch.Tensor:
+    """After a horizontal flip the left wrist is where the right wrist was: relabel the joints."""
+    perm = torch.as_tensor(flip_perm, device=keypoints.device)
+    flipped = flip.view(-1, 1, 1) > 0.5
+    return torch.where(flipped, keypoints[:, perm], keypoints)
+
+
+def joint_weights(keypoints: torch.Tensor, input_size: int) -> torch.Tensor:
+    """1 for a labelled joint inside the crop, 0 for unlabelled or out-of-crop joints. (B, J)"""
+    x, y, labelled = keypoints.unbind(-1)
+    inside = (x >= 0) & (x < input_size) & (y >= 0) & (y < input_size)
+    return ((labelled > 0) & inside).float()
+
+
+def gaussian_heatmaps(keypoints: torch.Tensor, weights: torch.Tensor, input_size: int, stride: int,
+                      sigma: float) -> torch.Tensor:
+    """(B, J, S/stride, S/stride) Gaussians with peak 1 at each weighted joint, separable in x and y."""
+    size = input_size // stride
+    s = sigma * 4.0 / stride
+    grid = torch.arange(size, device=keypoints.device, dtype=torch.float32)
+    centre = keypoints[..., :2].float() / stride - 0.5  # (B, J, 2) in heatmap index coordinates
+    gx = torch.exp(-((grid - centre[..., 0:1]) ** 2) / (2 * s * s))  # (B, J, W)
+    gy = torch.exp(-((grid - centre[..., 1:2]) ** 2) / (2 * s * s))  # (B, J, H)
+    return gy[..., :, None] * gx[..., None, :] * weights[..., None, None]
+
+
+def make_targets(keypoints: torch.Tensor, input_size: int, strides: list[int], sigma: float
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Targets for every distinct stride (128, 64, 32 for a 256 input) and the joint weights."""
+    weights = joint_weights(keypoints, input_size)
+    heatmaps = {s: gaussian_heatmaps(keypoints, weights, input_size, s, sigma) for s in sorted(set(strides))}
+    return heatmaps, weights
+
+
+def cascade_loss(predictions: list[torch.Tensor], heatmaps: dict[int, torch.Tensor], weights: torch.Tensor,
+                 strides: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sum of the per-module weighted MSE losses, and each module's loss for logging."""
+    w = weights[..., None, None]
+    per_module = [(((p.float() - heatmaps[s]) ** 2) * w).mean() for p, s in zip(predictions, strides)]
+    return torch.stack(per_module).sum(), per_module

@@ -1,0 +1,301 @@
+"""Train MSC-HG with DeepSpeed on DALI batches, tracked in MLflow.
+
+    python -m pipeline.train --config configs/msc_hg_cpu.yaml [key=value ...]
+    deepspeed --num_gpus 2 --module pipeline.train --config configs/msc_hg_cpu.yaml   # DS_ACCELERATOR=cpu on CPUs
+    srun python -m pipeline.train --config ...                                       # see launch/slurm
+
+One step: DALI batch -> joints relabelled after flips -> heatmap targets at every stride -> forward
+through the 8 modules -> sum of the 8 MSE losses -> DeepSpeed backward/step. After every optimizer
+step rank 0 decides whether to stop (convergence, step/epoch limit) and all ranks learn the decision
+in the same collective, together with any preemption signal that reached any rank.
+
+Everything a run makes goes under runs/<run_name>/: checkpoints/, model.safetensors, config.yaml,
+train.log.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.config import Config, flatten, load_config, save_config, to_dict
+from pipeline.data import ShardSet, build_loader, unpack
+from pipeline.evaluate import evaluate_loader, format_pck, summarise, to_model_input
+from pipeline.stop import CONVERGED, MAX_EPOCHS, MAX_STEPS, SIGNAL, ConvergenceStop
+from pipeline.targets import cascade_loss, make_targets, swap_flipped
+from pipeline.track import Tracker
+
+STOP_CODES = {0: None, 1: CONVERGED, 2: MAX_STEPS, 3: MAX_EPOCHS, 4: SIGNAL}  # larger wins
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped by a signal after checkpointing; requeue me"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed's JSON config, derived from ours; the batch rule lives here and only here."""
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.bf16},
+        "zero_allow_untested_optimizer": True,  # our torch optimizer (RMSprop/Adam) under ZeRO
+        "steps_per_print": 10**9,
+    }
+    if t.lr_schedule == "cosine":
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.stop.max_steps, "warmup_num_steps": max(t.warmup_steps, 1)}}
+    elif t.warmup_steps > 1:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps,
+            "warmup_type": "linear"}}
+    return ds
+
+
+def make_optimizer(cfg: Config, params):
+    t = cfg.train
+    if t.optimizer == "rmsprop":  # the stacked-hourglass reference recipe
+        return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        import deepspeed
+
+        from pipeline.checkpoint import Checkpointer
+        from pipeline.model import build_model
+
+        self.cfg = cfg
+        self.world = distributed.init()
+        seed_everything(cfg.data.seed + self.world.rank)
+        self.run_name = distributed.broadcast_object(
+            cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}", self.world)
+        self.run_dir = Path(cfg.train.out_dir) / self.run_name
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.train_shards = ShardSet.open(cfg.data.train_shards)
+        self.val_shards = ShardSet.open(cfg.data.val_shards) if cfg.data.val_shards else None
+        self.flip_perm = self.train_shards.flip_permutation()
+        model = build_model(cfg.model, len(self.train_shards.joints), cfg.data.input_size)
+        self.strides = model.strides
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(cfg, model.parameters()),
+            config=deepspeed_config(cfg, self.world.size))
+        self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        self.dali_device = self.world.local_rank if self.world.device.type == "cuda" else None
+        self.loader = build_loader(self.train_shards, cfg.data, cfg.train.micro_batch, train=True,
+                                   rank=self.world.rank, world_size=self.world.size, device_id=self.dali_device)
+        self.stopper = ConvergenceStop(cfg.stop)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.world.is_main)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.signal_received = 0
+        resumed = self.checkpointer.load(self.engine)
+        if resumed:
+            self.load_state_dict(resumed)
+        self.tracker = Tracker(self.world.is_main, cfg.train.experiment, self.run_name,
+                               run_id=resumed.get("mlflow_run_id") if resumed else None,
+                               tags=self.run_tags())
+        if not resumed:
+            self.tracker.log_params(flatten(to_dict(cfg)))
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.log(f"run {self.run_name}: {self.world.size} rank(s) on {self.world.device}, "
+                 f"{self.train_shards.num_samples} training samples, "
+                 f"{'resumed at step %d' % self.step if resumed else 'new run'}")
+
+    # -- state -------------------------------------------------------------------------------------
+    def run_tags(self) -> dict:
+        return {"dataset": self.train_shards.dataset, "config": self.cfg.name,
+                "zero_stage": self.cfg.train.zero_stage, "world_size": self.world.size}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "stopper": self.stopper.state_dict(),
+                "mlflow_run_id": self.tracker.run_id, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.stopper.load_state_dict(state["stopper"])
+        torch.set_rng_state(state["torch_rng"])
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch forward/backward (and optimizer step at the accumulation boundary).
+        Returns the total loss and the per-module losses, averaged over ranks."""
+        keypoints = swap_flipped(batch["keypoints"], batch["flip"], self.flip_perm)
+        heatmaps, weights = make_targets(keypoints, self.cfg.data.input_size, self.strides, self.cfg.data.sigma)
+        predictions = self.engine(to_model_input(batch["image"], self.dtype))
+        loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides)
+        self.engine.backward(loss)
+        self.engine.step()
+        losses = torch.stack([loss.detach()] + [m.detach() for m in per_module]).float()
+        if self.world.size > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= self.world.size
+        return losses[0], losses[1:]
+
+    def decide_stop(self, total_loss: float) -> str | None:
+        """Rank 0 applies the stop rule; one all-reduce (max) tells every rank, with any signal."""
+        code = 0
+        if self.world.is_main:
+            reason = self.stopper.update(total_loss, self.step, self.epoch)
+            code = {v: k for k, v in STOP_CODES.items()}[reason]
+        if self.signal_received:
+            code = 4
+        flag = torch.tensor([code], dtype=torch.int32, device=self.world.device)
+        if self.world.size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return STOP_CODES[int(flag.item())]
+
+    def fit(self) -> int:
+        self.install_signal_handlers()
+        reason, images, t_start, t_wait = None, 0, time.perf_counter(), 0.0
+        t_log = t_start
+        while reason is None:
+            t0 = time.perf_counter()
+            for batch in self.loader:
+                b = unpack(batch, self.world.device)
+                t_wait += time.perf_counter() - t0
+                total, per_module = self.train_step(b)
+                images += len(b["image"]) * self.world.size
+                if not self.engine.is_gradient_accumulation_boundary() and self.cfg.train.grad_accum > 1:
+                    t0 = time.perf_counter()
+                    continue
+                self.step += 1
+                if not math.isfinite(total.item()):
+                    raise FloatingPointError(f"loss is {total.item()} at step {self.step}")
+                reason = self.decide_stop(total.item())
+                if self.step % self.cfg.train.log_every == 0 or reason:
+                    now = time.perf_counter()
+                    self.log_step(total, per_module, images / (now - t_log), t_wait / (now - t_log))
+                    images, t_wait, t_log = 0, 0.0, now
+                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and not reason:
+                    self.evaluate()
+                if self.cfg.train.checkpoint_every and self.step % self.cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if reason:
+                    break
+                t0 = time.perf_counter()
+            else:  # the epoch ended without a stop
+                self.epoch += 1
+                if self.cfg.stop.max_epochs and self.epoch >= self.cfg.stop.max_epochs:
+                    reason = MAX_EPOCHS
+        return self.finish(reason, time.perf_counter() - t_start)
+
+    # -- the rest, each small ------------------------------------------------------------------------
+    def log_step(self, total: torch.Tensor, per_module: torch.Tensor, images_per_s: float, wait: float) -> None:
+        metrics = {"loss/total": total.item(), "lr": self.engine.get_lr()[0],
+                   "images_per_s": images_per_s, "data_wait_fraction": wait,
+                   "loss/smoothed": self.stopper.smoothed}
+        metrics.update({f"loss/stage_{i + 1}": v for i, v in enumerate(per_module.tolist())})
+        self.tracker.log_metrics(metrics, self.step)
+        if self.world.is_main and (self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1):
+            stages = " ".join(f"{v:.4f}" for v in per_module.tolist())
+            self.log(f"step {self.step:5d} epoch {self.epoch} loss {total.item():.5f} "
+                     f"(smoothed {self.stopper.smoothed:.5f}) stages [{stages}] {images_per_s:.1f} img/s")
+
+    def evaluate(self) -> dict | None:
+        """Every rank predicts its part of the validation shards; rank 0 computes PCK."""
+        if self.val_shards is None:
+            return None
+        loader = build_loader(self.val_shards, self.cfg.data, self.cfg.train.micro_batch, train=False,
+                              rank=self.world.rank, world_size=self.world.size, device_id=self.dali_device)
+        results = evaluate_loader(self.engine.module, loader, self.world.device, self.dtype)
+        merged = {}
+        for part in distributed.gather_objects(results, self.world):
+            merged.update(part)
+        metrics = summarise(merged)
+        if self.world.is_main:
+            if len(merged) != self.val_shards.num_samples:
+                self.log(f"warning: evaluated {len(merged)} of {self.val_shards.num_samples} validation samples")
+            self.log(format_pck(metrics, self.val_shards.joints))
+            per_joint = {f"pck/{n}": v for n, v in zip(self.val_shards.joints, metrics["per_joint"])}
+            self.tracker.log_metrics({"pck": metrics["pck"], **per_joint}, self.step)
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.engine, self.step, self.state_dict())
+
+    def export_weights(self, checkpoint: Path) -> Path | None:
+        """fp32 weights of the final checkpoint (any ZeRO stage) -> runs/NAME/model.safetensors."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from pipeline.weights import WEIGHTS_FILE, save_weights
+
+        if not self.world.is_main:
+            return None
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        # zero_to_fp32 gathers parameters; BatchNorm running statistics come from the module
+        buffers = {k: v for k, v in self.engine.module.state_dict().items() if k not in state}
+        return save_weights({**state, **buffers}, self.run_dir / WEIGHTS_FILE, self.cfg,
+                            self.train_shards.joints, self.train_shards.flip_pairs)
+
+    def finish(self, reason: str, seconds: float) -> int:
+        self.log(f"stopping at step {self.step}: {reason}")
+        self.tracker.set_tags({"stop_reason": reason, "stopped_at_step": self.step})
+        checkpoint = self.save_checkpoint()
+        self.tracker.flush()
+        if reason == SIGNAL:  # preempted: the checkpoint is all that matters now
+            self.tracker.finish("KILLED")
+            return EXIT_REQUEUE
+        weights = self.export_weights(checkpoint)
+        metrics = self.evaluate()
+        if self.world.is_main:
+            if metrics:
+                self.tracker.log_metrics({"final/pck": metrics["pck"]}, self.step)
+                print(f"PCK@0.2 = {100 * metrics['pck']:.1f}", flush=True)
+            self.tracker.log_artifact(self.run_dir / "train.log")
+            print(f"checkpoint: {checkpoint}\nweights:    {weights}\nrun dir:    {self.run_dir}", flush=True)
+            print(f"MLflow run {self.tracker.run_id} ({self.cfg.train.experiment}); look at it with:\n"
+                  f"  {self.tracker.ui_command()}", flush=True)
+        self.tracker.finish()
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.signal_received = signum  # acted on at the end of the current step, by every rank
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def log(self, message: str) -> None:
+        if self.world.is_main:
+            line = f"[{datetime.now():%H:%M:%S}] {message}"
+            print(line, flush=True)
+            with open(self.run_dir / "train.log", "a") as f:
+                f.write(line + "\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="a YAML file under configs/")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=10")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    return Trainer(cfg).fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
