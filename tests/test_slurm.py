@@ -1,0 +1,189 @@
+"""Real SLURM (munged, slurmctld, slurmd on localhost; see tests/slurm_cluster.py).
+
+The launch-script tests run launch/slurm/train_cpu.sbatch unchanged, with MSHG_ENTRY pointing at
+a stand-in for pipeline.train (FAKE_TRAINER below) that keeps the trainer's contract: it reads
+the rank variables, and on USR1/TERM writes runs/<run>/checkpoints/latest and exits 75; started
+again with a `latest` present, it resumes and exits 0. The end-to-end tests with the real
+trainer come once pipeline.train exists.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import slurm  # noqa: F401  (the module-scoped cluster fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_SBATCH = REPO / "launch" / "slurm" / "train_cpu.sbatch"
+
+FAKE_TRAINER = r'''
+"""Stand-in for pipeline.train: prints what it was given, then behaves per fake.mode=..."""
+import os, signal, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+opts = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+env = {k: os.environ.get(k, "") for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "RANK",
+       "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR",
+       "OMP_NUM_THREADS", "SLURM_RESTART_COUNT")}
+print("FAKE " + " ".join(f"{k}={v}" for k, v in env.items()) + " ARGV=" + "|".join(args), flush=True)
+rank = int(os.environ["RANK"])
+run = Path("runs") / opts["train.run_name"]
+latest = run / "checkpoints" / "latest"
+mode = opts.get("fake.mode", "print")
+
+def ready():  # tells the test this rank is up and its handlers are installed
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"ready.{rank}").write_text(str(os.getpid()))
+
+if mode == "print":
+    sys.exit(0)
+if mode == "preempt":
+    if latest.exists():
+        print(f"FAKE rank {rank} resumed from {latest.read_text()}", flush=True)
+        sys.exit(0)
+    def on_signal(sig, frame):
+        print(f"FAKE rank {rank} got {signal.Signals(sig).name}: checkpoint, exit 75", flush=True)
+        if rank == 0:
+            latest.parent.mkdir(parents=True, exist_ok=True)
+            latest.write_text("step-7")
+        sys.exit(75)
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    ready()
+    time.sleep(60)
+    sys.exit(1)  # no signal came
+if mode == "die":
+    # Rank 1 dies hard; rank 0 "hangs in a collective" (ignores TERM, as a blocked rank may).
+    ready()
+    if rank == 1:
+        time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+    sys.exit(0)
+'''
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A submit directory (logs/ made, as users must) and the env that runs the stand-in."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
+    env = {"MSHG_ROOT": str(REPO), "MSHG_ENTRY": "fake_train", "PYTHONPATH": str(tmp_path)}
+    return tmp_path, env
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def fake_lines(log: str) -> list[dict[str, str]]:
+    rows = []
+    for line in log.splitlines():
+        if line.startswith("FAKE SLURM_PROCID="):
+            rows.append(dict(re.findall(r"(\w+)=(\S*)", line)))
+    return sorted(rows, key=lambda r: r["RANK"])
+
+
+def test_two_task_job_gets_rank_variables(slurm, workdir):
+    cwd, env = workdir
+    t0 = time.monotonic()
+    job = slurm.sbatch(CPU_SBATCH, "--", "configs/tiny.yaml", "train.max_steps=3", env=env, cwd=cwd)
+    info = slurm.wait(job, "COMPLETED", timeout=60)
+    elapsed = time.monotonic() - t0
+    assert info["ExitCode"] == "0:0"
+    # logs/%x-%j.out relative to the submit directory
+    log_path = cwd / "logs" / f"mshg-cpu-{job}.out"
+    assert info["StdOut"] == str(log_path)
+    log = log_path.read_text()
+    rows = fake_lines(log)
+    assert len(rows) == 2, log
+    port = str(15000 + int(job) % 15000)
+    for local, row in enumerate(rows):
+        assert row["RANK"] == row["SLURM_PROCID"] == str(local), row
+        assert row["LOCAL_RANK"] == row["SLURM_LOCALID"] == str(local), row  # one node
+        assert row["WORLD_SIZE"] == row["SLURM_NTASKS"] == "2", row
+        assert row["MASTER_ADDR"] == slurm.node, row
+        assert row["MASTER_PORT"] == port, row
+        assert row["DS_ACCELERATOR"] == "cpu", row
+        assert row["OMP_NUM_THREADS"] == "1", row  # --cpus-per-task=1
+        # config first, our run name, then the user's overrides (which may override it)
+        assert row["ARGV"] == f"--config|configs/tiny.yaml|train.run_name=slurm-{job}|train.max_steps=3", row
+    assert "ranks finished with exit code 0" in log
+    print(f"2-task job: submit to COMPLETED {elapsed:.1f} s")
+
+
+def test_batch_shell_runs_its_usr1_trap(slurm, tmp_path):
+    script = """#!/bin/bash
+trap 'echo "trap: got USR1"; exit 0' USR1
+echo started
+# sleep in the background and wait: bash runs a trap only between commands
+sleep 60 & wait
+echo "no signal came"
+exit 1
+"""
+    job = slurm.sbatch(script, "--ntasks=1", f"--output={tmp_path}/trap-%j.out", cwd=tmp_path)
+    slurm.wait(job, "RUNNING", timeout=30)
+    out = tmp_path / f"trap-{job}.out"
+    wait_for(lambda: out.exists() and "started" in out.read_text(), 30, "job script did not start")
+    slurm.signal_batch(job, "USR1")
+    info = slurm.wait(job, "COMPLETED", timeout=30)
+    assert info["ExitCode"] == "0:0"
+    assert "trap: got USR1" in out.read_text()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm, workdir):
+    """The launch script forwards USR1 to the ranks; they exit 75; the script requeues the job;
+    the job starts again (SLURM_RESTART_COUNT=1), same run name, and resumes from `latest`."""
+    cwd, env = workdir
+    t0 = time.monotonic()
+    job = slurm.sbatch(CPU_SBATCH, "--", "configs/tiny.yaml", "fake.mode=preempt", env=env, cwd=cwd)
+    run = cwd / "runs" / f"slurm-{job}"
+    wait_for(lambda: all((run / f"ready.{r}").exists() for r in (0, 1)), 30, "ranks did not start")
+    slurm.signal_batch(job, "USR1")
+    slurm.wait(job, {"PENDING", "REQUEUED"}, timeout=30)  # requeued, waiting for its BeginTime
+    info = slurm.wait(job, "COMPLETED", timeout=45)
+    elapsed = time.monotonic() - t0
+    assert info["Restarts"] == "1"
+    assert info["ExitCode"] == "0:0"
+    assert (run / "checkpoints" / "latest").read_text() == "step-7"
+    log = (cwd / "logs" / f"mshg-cpu-{job}.out").read_text()  # both runs, appended
+    assert "got SIGUSR1: forwarding it to the ranks" in log
+    assert log.count("got SIGUSR1: checkpoint, exit 75") == 2, log  # both ranks
+    assert "ranks finished with exit code 75" in log
+    assert f"requeueing job {job}" in log
+    assert f"job {job} (mshg-cpu) restart 1" in log
+    rows = [r for r in fake_lines(log) if r["SLURM_RESTART_COUNT"] == "1"]
+    assert len(rows) == 2 and all(f"train.run_name=slurm-{job}" in r["ARGV"] for r in rows), log
+    assert log.count("resumed from step-7") == 2, log
+    print(f"signal -> requeue -> resumed -> COMPLETED: {elapsed:.1f} s")
+
+
+def test_dead_rank_ends_job_and_all_its_processes(slurm, workdir):
+    """One rank SIGKILLed while the other hangs: srun --wait ends the step in bounded time,
+    the job FAILS, and no process of the job survives (proctrack/linuxproc kills nothing else)."""
+    cwd, env = workdir
+    env = {**env, "MSHG_SRUN_WAIT": "3"}
+    t0 = time.monotonic()
+    job = slurm.sbatch(CPU_SBATCH, "--", "configs/tiny.yaml", "fake.mode=die", env=env, cwd=cwd)
+    run = cwd / "runs" / f"slurm-{job}"
+    wait_for(lambda: (run / "ready.0").exists(), 30, "rank 0 did not start")
+    pid0 = int((run / "ready.0").read_text())
+    info = slurm.wait(job, "FAILED", timeout=40)
+    elapsed = time.monotonic() - t0
+    assert info["ExitCode"] != "0:0"
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to fail"
+    # rank 0 ignored SIGTERM: it must have been SIGKILLed by the step's end
+    wait_for(lambda: not os.path.exists(f"/proc/{pid0}") or
+             Path(f"/proc/{pid0}/stat").read_text().split(")")[-1].split()[0] == "Z", 10,
+             f"rank 0 (pid {pid0}) survived its job")
+    print(f"dead rank -> job FAILED in {elapsed:.1f} s")
