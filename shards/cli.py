@@ -23,6 +23,8 @@ def add_output_options(p):
                    help="labelled joints further than this many px outside the image are dropped (reported)")
     p.add_argument("--decode-check", action="store_true",
                    help="also decode every JPEG (reduced size) while sharding; verify always decodes fully")
+    p.add_argument("--split-file", default=None,
+                   help="text file of image file names, one a line: shard only the persons in those images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -56,19 +58,24 @@ def add_commands(subparsers):
 
 
 def read_records(args):
-    """-> (records, skipped, source) for the chosen format."""
+    """-> (records, skipped, report, source) for the chosen format, after --split-file."""
     if args.format in ("lsp", "lspet"):
         first, last = datasets.parse_range(args.range)
         reader = datasets.read_lsp if args.format == "lsp" else datasets.read_lspet
-        records, skipped = reader(args.root, first, last)
-        return records, skipped, {"root": args.root, "annotations": os.path.join(args.root, "joints.mat")}
-    source = {"images": args.images, "annotations": args.annotations}
-    if args.format == "mpii":
-        reader = datasets.read_mpii_mat if args.annotations.endswith(".mat") else datasets.read_mpii_json
-        records, skipped = reader(args.images, args.annotations)
+        records, skipped, report = reader(args.root, first, last)
+        source = {"root": args.root, "annotations": os.path.join(args.root, "joints.mat")}
     else:
-        records, skipped = datasets.read_coco(args.images, args.annotations, args.min_keypoints)
-    return records, skipped, source
+        source = {"images": args.images, "annotations": args.annotations}
+        if args.format == "mpii":
+            reader = datasets.read_mpii_mat if args.annotations.endswith(".mat") else datasets.read_mpii_json
+            records, skipped, report = reader(args.images, args.annotations)
+        else:
+            records, skipped, report = datasets.read_coco(args.images, args.annotations, args.min_keypoints)
+    if args.split_file:
+        names = datasets.read_split_file(args.split_file)
+        records = [r for r in records if os.path.basename(r.image) in names]
+        source["split_file"] = args.split_file
+    return records, skipped, report, source
 
 
 def run_shard(args):
@@ -76,7 +83,7 @@ def run_shard(args):
         print("error: --workers and --maxcount must be >= 1", file=sys.stderr)
         return 2
     try:
-        records, skipped, source = read_records(args)
+        records, skipped, report, source = read_records(args)
     except (datasets.AnnotationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -85,7 +92,7 @@ def run_shard(args):
         manifest = write_shards(
             records, skipped, args.format, args.out, prefix=args.prefix, maxcount=args.maxcount,
             maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite, margin=args.outside_margin,
-            decode_check=args.decode_check, source=source, args=saved_args, progress=not args.quiet)
+            decode_check=args.decode_check, source=source, args=saved_args, report=report, progress=not args.quiet)
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -101,6 +108,8 @@ def run_shard(args):
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
         print(f"  skipped {count}: {reason}")
+    if manifest.get("missing_images"):
+        print(f"  {len(manifest['missing_images'])} images listed in the annotations are missing (manifest: missing_images)")
     return 0
 
 

@@ -2,8 +2,9 @@
 Dataset tables (joint names, flip pairs) and readers that turn each public annotation format
 into a list of Records: one person each, keypoints in original image pixels, 0-based.
 
-Readers only parse annotations. Per-person problems (crowd, too few keypoints, wrong joint count)
-become `skipped` entries; a file that cannot be parsed raises AnnotationError naming file and field.
+Readers return (records, skipped, report): per-person problems (crowd, too few keypoints, wrong joint
+count) become `skipped` entries; `report` holds extra manifest fields (COCO: images listed but missing).
+A file that cannot be parsed raises AnnotationError naming file and field.
 Images are opened later, by the writer, where missing/corrupt files are skipped and counted.
 """
 
@@ -89,6 +90,19 @@ def parse_range(text):
     return first, last
 
 
+def read_split_file(path):
+    """A split file: image file names, one a line ('#' comments and blank lines ignored) -> set."""
+    try:
+        with open(path) as f:
+            lines = [line.split("#")[0].strip() for line in f]
+    except OSError as e:
+        raise AnnotationError(f"{path}: cannot read split file ({e.strerror})") from None
+    names = {os.path.basename(line) for line in lines if line}
+    if not names:
+        raise AnnotationError(f"{path}: split file lists no images")
+    return names
+
+
 def _skip(source, reason):
     return {"source": str(source), "reason": reason}
 
@@ -129,7 +143,7 @@ def _lsp_records(dataset, root, joints, name_format, first, last):
             keypoints=joints[i - 1],
             source_id=name_format.format(i),
         ))
-    return records, []
+    return records, [], {}
 
 
 def read_lspet(root, first=1, last=None):
@@ -217,7 +231,7 @@ def read_mpii_json(images, annotations):
             scale=scale,
             source_id=image,
         ))
-    return records, skipped
+    return records, skipped, {}
 
 
 def _mat_list(x):
@@ -281,7 +295,7 @@ def read_mpii_mat(images, annotations):
                     source_id=f"{name}#{r + 1}",
                     extra={"img_train": None if is_train[i] is None else int(is_train[i])},
                 ))
-    return records, skipped
+    return records, skipped, {}
 
 
 # -----------------------------------------------------------------------------
@@ -341,4 +355,7 @@ def read_coco(images, annotations, min_keypoints=1):
             extra={"image_id": image_id, "file_name": file_name, "area": ann.get("area"),
                    "num_keypoints": ann.get("num_keypoints")},
         ))
-    return records, skipped
+    # the public subsets list more images than they ship: say which, once, instead of failing on them
+    missing = [str(im.get("file_name")) for im in data["images"]
+               if not os.path.isfile(os.path.join(images, str(im.get("file_name"))))]
+    return records, skipped, {"missing_images": missing}

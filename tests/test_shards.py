@@ -1,22 +1,27 @@
 """
-Tests of shards/: real pose data through the sharder, verify, and DALI's webdataset reader.
+Tests of shards/: real pose data through the sharder, `verify`, and DALI's webdataset reader.
 Most use the LSPET sample embedded in shards/sample/lspet; those marked `shared` need ../shared/data.
 """
 
-import glob
+import argparse
+import io
 import json
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+from wds2idx import IndexCreator
 
-from shards import datasets
+from shards import cli
 from shards.verify import verify
-from shards.write import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "shards" / "sample" / "lspet"
@@ -24,88 +29,405 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
 
 
-def shard_cli(*args):
-    """Run `python -m shards.cli ...` as a user would; -> CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "shards.cli", *map(str, args), "--quiet"] if args[0] == "shard"
-                          else [sys.executable, "-m", "shards.cli", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+def run(capsys, *argv):
+    """The CLI in-process, as pipeline/cli.py wires it: -> (exit code, stdout, stderr)."""
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    argv = [str(a) for a in argv]
+    args = parser.parse_args(argv + (["--quiet"] if argv[0] in ("shard", "verify") else []))
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def sample_joints():
-    return scipy.io.loadmat(SAMPLE / "joints.mat")["joints"]  # (14, 3, 200)
+def manifest(out):
+    return json.loads((Path(out) / "manifest.json").read_text())
 
 
-def dali_read(out, ext=("jpg", "kp.npy", "box.npy", "idx.npy")):
-    """Every sample of a shard directory through DALI's reader, no augmentation: -> list of dicts."""
+def dali_read(out):
+    """Every sample of a shard directory through DALI's reader, no augmentation: -> {idx: sample}."""
     from nvidia.dali import fn, pipeline_def
 
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
-    tars = [str(Path(out) / s["tar"]) for s in manifest["shards"]]
-    idxs = [str(Path(out) / s["index"]) for s in manifest["shards"]]
-    n = manifest["num_samples"]
+    m = manifest(out)
+    tars = [str(Path(out) / s["tar"]) for s in m["shards"]]
+    idxs = [str(Path(out) / s["index"]) for s in m["shards"]]
+    n = m["num_samples"]
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def pipe():
-        image, kp, box, idx = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=list(ext), name="reader")
+        image, kp, box, idx = fn.readers.webdataset(paths=tars, index_paths=idxs,
+                                                    ext=["jpg", "kp.npy", "box.npy", "idx.npy"], name="reader")
         return fn.decoders.image(image, device="cpu"), fn.decoders.numpy(kp), fn.decoders.numpy(box), fn.decoders.numpy(idx)
 
     p = pipe()
     p.build()
-    samples = []
-    for _ in range(n):
-        image, kp, box, idx = (np.array(o.at(0)) for o in p.run())
-        samples.append({"image": image, "kp": kp, "box": box, "idx": int(idx[0])})
+    image, kp, box, idx = p.run()
+    samples = {}
+    for b in range(n):
+        i = int(np.array(idx.at(b))[0])
+        assert i not in samples, f"sample {i} read twice"
+        samples[i] = {"image": np.array(image.at(b)), "kp": np.array(kp.at(b)), "box": np.array(box.at(b))}
     return samples
 
 
+def small_lspet(root, n=6):
+    """An LSPET-format folder with the first n images of the embedded sample; -> joints (14, 3, n)."""
+    (root / "images").mkdir(parents=True)
+    for i in range(1, n + 1):
+        shutil.copy(SAMPLE / "images" / f"im{i:05d}.jpg", root / "images")
+    joints = scipy.io.loadmat(SAMPLE / "joints.mat")["joints"][:, :, :n].copy()
+    scipy.io.savemat(root / "joints.mat", {"joints": joints})
+    return joints
+
+
+def tar_bytes(out):
+    return {name: (Path(out) / name).read_bytes() for name in sorted(os.listdir(out)) if not name.endswith(".json")}
+
+
 # -----------------------------------------------------------------------------
-# LSPET, from the embedded sample
+# LSPET from the embedded sample
 
 
 @pytest.fixture(scope="module")
 def lspet_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("lspet")
-    r = shard_cli("shard", "lspet", "--root", SAMPLE, "--out", out, "--maxcount", 64)
+    r = subprocess.run([sys.executable, "-m", "shards.cli", "shard", "lspet", "--root", SAMPLE, "--out", out,
+                        "--maxcount", "64", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert "200 samples in 4 shards, 0 skipped" in r.stdout
     return out
 
 
 def test_lspet_manifest(lspet_out):
-    m = json.loads((lspet_out / "manifest.json").read_text())
+    m = manifest(lspet_out)
     assert m["dataset"] == "lspet" and m["num_samples"] == 200 and m["skipped"] == []
     assert m["joints"][0] == "right_ankle" and m["joints"][13] == "head_top"
-    assert [0, 5] in m["flip_pairs"] and len(m["flip_pairs"]) == 6
+    assert m["flip_pairs"] == [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
     assert [s["samples"] for s in m["shards"]] == [64, 64, 64, 8]
+    assert m["args"]["maxcount"] == 64 and m["source"]["root"] == str(SAMPLE)
     for s in m["shards"]:
         assert (lspet_out / s["tar"]).stat().st_size == s["bytes"]
-        assert (lspet_out / s["index"]).read_text().startswith(f"v1.2 {s['samples']}\n")
     assert sorted(os.listdir(lspet_out)) == sorted(["manifest.json"] + [s["tar"] for s in m["shards"]]
                                                    + [s["index"] for s in m["shards"]])
 
 
-def test_lspet_verify_ok(lspet_out):
-    r = shard_cli("verify", lspet_out)
-    assert r.returncode == 0, r.stderr
-    assert verify(str(lspet_out), progress=False) == []
+def test_lspet_index_equals_wds2idx(lspet_out, tmp_path):
+    for s in manifest(lspet_out)["shards"]:
+        with IndexCreator(str(lspet_out / s["tar"]), str(tmp_path / "ref.idx"), verbose=False) as ref:
+            ref.create_index()
+        assert (lspet_out / s["index"]).read_text() == (tmp_path / "ref.idx").read_text()
+
+
+def test_lspet_verify_ok(lspet_out, capsys):
+    assert run(capsys, "verify", lspet_out)[0] == 0
 
 
 def test_lspet_dali_round_trip(lspet_out):
-    """Read back through DALI: every image once, keypoints equal joints.mat (invisible -> 0)."""
-    joints = sample_joints()
+    """Through DALI: every image once, keypoints equal joints.mat (invisible joints -> 0), tight box."""
+    joints = scipy.io.loadmat(SAMPLE / "joints.mat")["joints"]
     samples = dali_read(lspet_out)
-    assert sorted(s["idx"] for s in samples) == list(range(1, 201))
-    jpeg_bytes = (SAMPLE / "images" / "im00001.jpg").read_bytes()
-    for s in samples:
-        src = joints[:, :, s["idx"] - 1]
+    assert sorted(samples) == list(range(1, 201))
+    for i, s in samples.items():
+        src = joints[:, :, i - 1]
         vis = src[:, 2] > 0
         assert s["kp"].dtype == np.float32 and s["kp"].shape == (14, 3)
         np.testing.assert_array_equal(s["kp"][vis, :2], src[vis, :2].astype(np.float32))
         assert (s["kp"][vis, 2] == 1).all() and (s["kp"][~vis] == 0).all()
-        x0, y0 = src[vis, :2].min(0)
-        x1, y1 = src[vis, :2].max(0)
+        (x0, y0), (x1, y1) = src[vis, :2].min(0), src[vis, :2].max(0)
         np.testing.assert_allclose(s["box"], [x0, y0, x1 - x0, y1 - y0], rtol=1e-6)
         assert s["image"].ndim == 3 and s["image"].shape[2] == 3
-    # the JPEG is passed through byte for byte
-    import tarfile
-    with tarfile.open(lspet_out / "shard-000000.tar") as tar:
-        assert tar.extractfile("lspet_000001.jpg").read() == jpeg_bytes
+    with tarfile.open(lspet_out / "shard-000000.tar") as tar:  # JPEG bytes pass through unchanged
+        assert tar.extractfile("lspet_000001.jpg").read() == (SAMPLE / "images" / "im00001.jpg").read_bytes()
+        meta = json.loads(tar.extractfile("lspet_000001.json").read())
+    from PIL import Image
+    width, height = Image.open(SAMPLE / "images" / "im00001.jpg").size
+    assert (meta["width"], meta["height"], meta["dataset"]) == (width, height, "lspet")
+    assert samples[1]["image"].shape == (height, width, 3)
+
+
+def test_range_and_determinism(tmp_path, capsys):
+    """--range 1:160 is im00001..im00160; same input -> identical bytes, whatever --workers."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", a, "--range", "1:160", "--maxcount", 50)[0] == 0
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", b, "--range", "1:160", "--maxcount", 50,
+               "--workers", 2)[0] == 0
+    assert manifest(a)["num_samples"] == 160
+    ids = [int(np.load(io.BytesIO(t.extractfile(m).read()))[0]) for s in manifest(a)["shards"]
+           for t in [tarfile.open(a / s["tar"])] for m in t.getmembers() if m.name.endswith(".idx.npy")]
+    assert ids == list(range(1, 161))
+    assert tar_bytes(a) == tar_bytes(b) and len(tar_bytes(a)) == 8
+    assert [s["sha256"] for s in manifest(a)["shards"]] == [s["sha256"] for s in manifest(b)["shards"]]
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", a, "--range", "1:160", "--maxcount", 50,
+               "--overwrite")[0] == 0
+    assert tar_bytes(a) == tar_bytes(b)
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", a, "--range", "150:201", "--overwrite")[0] == 2
+
+
+def test_lsp_format(tmp_path, capsys):
+    """Original LSP layout: joints (3, 14, N), third row invisibility, im0001.jpg names."""
+    root = tmp_path / "lsp"
+    joints = small_lspet(root, n=5)
+    lsp = np.stack([joints[:, 0], joints[:, 1], 1 - joints[:, 2]])  # (3, 14, N)
+    lsp[:, 0, 1] = [-7, 999, 1]  # invisible joint with junk coordinates
+    scipy.io.savemat(root / "joints.mat", {"joints": lsp})
+    for i in range(1, 6):
+        os.rename(root / "images" / f"im{i:05d}.jpg", root / "images" / f"im{i:04d}.jpg")
+    code, out, err = run(capsys, "shard", "lsp", "--root", root, "--out", tmp_path / "out")
+    assert code == 0, err
+    samples = dali_read(tmp_path / "out")
+    assert sorted(samples) == [1, 2, 3, 4, 5]
+    for i, s in samples.items():
+        vis = lsp[2, :, i - 1] == 0
+        np.testing.assert_array_equal(s["kp"][vis, :2], lsp[:2, vis, i - 1].T.astype(np.float32))
+        assert (s["kp"][~vis] == 0).all() and (s["kp"][vis, 2] == 1).all()
+    assert (samples[2]["kp"][0] == 0).all()
+    # an LSPET file given to `shard lsp` is refused with a message naming the field
+    code, _, err = run(capsys, "shard", "lsp", "--root", SAMPLE, "--out", tmp_path / "x")
+    assert code == 2 and "'joints' has shape (14, 3, 200)" in err and "shard lspet" in err
+
+
+# -----------------------------------------------------------------------------
+# bad input: skip-and-count or a clear error, never a crash, never silent
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path, capsys):
+    root = tmp_path / "lspet"
+    small_lspet(root, n=6)
+    images = root / "images"
+    os.remove(images / "im00002.jpg")  # listed but missing
+    data = (images / "im00003.jpg").read_bytes()
+    (images / "im00003.jpg").write_bytes(data[: len(data) // 2])  # truncated
+    (images / "im00004.jpg").write_bytes(b"")  # zero bytes
+    (images / "im00005.jpg").write_bytes(b"\0" * 64 + data[64:])  # corrupt header
+    code, out, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "out")
+    assert code == 0, err
+    m = manifest(tmp_path / "out")
+    reasons = {s["key"]: s["reason"] for s in m["skipped"]}
+    assert reasons["lspet_000002"] == "image file missing"
+    assert reasons["lspet_000003"].startswith("truncated JPEG")
+    assert reasons["lspet_000004"] == "empty image file (0 bytes)"
+    assert reasons["lspet_000005"].startswith("not a readable image")
+    assert m["num_samples"] == 2 and m["num_skipped"] == 4 and "skipped 1: image file missing" in out
+    assert sorted(dali_read(tmp_path / "out")) == [1, 6]
+    assert verify(str(tmp_path / "out"), progress=False) == []
+
+
+def test_bad_keypoints(tmp_path, capsys):
+    """Far outside the image / NaN / inf -> that joint unlabelled and reported; no joint left -> skipped;
+    just outside (a real LSPET click at y = -1.17, im00024) -> kept."""
+    root = tmp_path / "lspet"
+    joints = small_lspet(root, n=24)
+    joints[0, :, 0] = [5000.0, 40.0, 1]  # im00001 right ankle far outside the 157 px wide image
+    joints[1, :, 0] = [np.nan, 40.0, 1]
+    joints[2, :, 0] = [30.0, np.inf, 1]
+    joints[:, 2, 2] = 0  # im00003: no labelled joint
+    scipy.io.savemat(root / "joints.mat", {"joints": joints})
+    assert run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "out")[0] == 0
+    m = manifest(tmp_path / "out")
+    assert [(s["key"], s["reason"]) for s in m["skipped"]] == [("lspet_000003", "no labelled joints")]
+    dropped = [(d["key"], d["joint"], d["reason"].split(" ")[0]) for d in m["dropped_joints"]]
+    assert dropped == [("lspet_000001", "right_ankle", "keypoint"), ("lspet_000001", "right_knee", "non-finite"),
+                       ("lspet_000001", "right_hip", "non-finite")]
+    assert "outside the 157x105 image" in m["dropped_joints"][0]["reason"]
+    samples = dali_read(tmp_path / "out")
+    assert (samples[1]["kp"][:3] == 0).all() and (samples[1]["kp"][3:, 2] == joints[3:, 2, 0]).all()
+    assert samples[24]["kp"][13].tolist() == pytest.approx([joints[13, 0, 23], joints[13, 1, 23], 1.0])
+    assert samples[24]["kp"][13, 1] < 0
+    assert verify(str(tmp_path / "out"), progress=False) == []
+
+
+def test_bad_annotation_files(tmp_path, capsys):
+    """Wrong joint count, malformed .mat / JSON, missing field: exit 2 and a message naming file and field."""
+    root = tmp_path / "lspet"
+    joints = small_lspet(root, n=3)
+    scipy.io.savemat(root / "joints.mat", {"joints": joints[:13]})
+    code, _, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "o1")
+    assert code == 2 and f"{root / 'joints.mat'}: field 'joints' has shape (13, 3, 3)" in err
+    (root / "joints.mat").write_bytes(b"MATLAB 5.0 MAT-file, but cut short")
+    code, _, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "o2")
+    assert code == 2 and "not a readable MATLAB .mat file" in err and str(root / "joints.mat") in err
+    scipy.io.savemat(root / "joints.mat", {"points": joints})
+    code, _, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "o3")
+    assert code == 2 and "no variable 'joints' (found ['points'])" in err
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[{"image": "a.jpg", "joints": [[1, 2]')
+    code, _, err = run(capsys, "shard", "mpii", "--images", root, "--annotations", bad_json, "--out", tmp_path / "o4")
+    assert code == 2 and f"{bad_json}: malformed JSON at line 1" in err
+    bad_json.write_text('[{"image": "a.jpg", "center": [1, 2], "scale": 1, "joints_vis": []}]')
+    code, _, err = run(capsys, "shard", "mpii", "--images", root, "--annotations", bad_json, "--out", tmp_path / "o5")
+    assert code == 2 and "record 0 has no field 'joints'" in err
+    bad_json.write_text('{"images": [], "annotations": {}}')
+    code, _, err = run(capsys, "shard", "coco", "--images", root, "--annotations", bad_json, "--out", tmp_path / "o6")
+    assert code == 2 and "field 'annotations' missing or not a list" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
+
+
+def test_existing_output_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"old")
+    code, _, err = run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:3", "--out", out)
+    assert code == 1 and "not empty" in err and "--overwrite" in err
+    assert (out / "shard-000000.tar").read_bytes() == b"old"
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:3", "--out", out, "--overwrite")[0] == 0
+    assert manifest(out)["num_samples"] == 3 and verify(str(out), progress=False) == []
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    code, _, err = run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:3", "--out", blocker / "out")
+    assert code == 1 and "cannot use output directory" in err
+
+
+def test_full_disk_leaves_no_shard_looking_complete(tmp_path):
+    """Files may not grow past 1 MB (RLIMIT_FSIZE, as a full disk would stop them): a clear error,
+    no partial file, no .tar and no manifest left behind."""
+    out = tmp_path / "out"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "shards.cli", "shard", "lspet", "--root", SAMPLE, "--out", out,
+                        "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert r.returncode == 1, r.stderr
+    assert f"writing shards to {out} failed" in r.stderr and "File too large" in r.stderr
+    assert os.listdir(out) == []
+
+
+# -----------------------------------------------------------------------------
+# verify finds damage and names shard and sample
+
+
+def test_verify_names_the_bad_shard_and_sample(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:20", "--maxcount", 10, "--out", out)[0] == 0
+    m = manifest(out)
+    # a flipped byte in a JPEG of the second shard
+    tar = out / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as t:
+        member = t.getmember("lspet_000015.jpg")
+    data[member.offset_data + 10] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    code, _, err = run(capsys, "verify", out)
+    assert code == 1 and "shard-000001.tar: sha256 differs from manifest" in err
+    # a sample whose keypoints hold NaN, written with a correct checksum: found by content
+    with tarfile.open(out / "shard-000000.tar") as t:
+        members = [(info, t.extractfile(info).read()) for info in t.getmembers()]
+    bad = io.BytesIO()
+    np.save(bad, np.full((14, 3), np.nan, dtype=np.float32))
+    with tarfile.open(out / "shard-000000.tar", "w") as t:
+        for info, payload in members:
+            payload = bad.getvalue() if info.name == "lspet_000004.kp.npy" else payload
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    import hashlib
+    m["shards"][0]["sha256"] = hashlib.sha256((out / "shard-000000.tar").read_bytes()).hexdigest()
+    m["shards"][0]["bytes"] = (out / "shard-000000.tar").stat().st_size
+    (out / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run(capsys, "verify", out)
+    assert code == 1 and "shard-000000.tar sample lspet_000004: kp.npy holds non-finite values" in err
+    # a missing index and an unlisted tar
+    os.remove(out / "shard-000001.idx")
+    shutil.copy(out / "shard-000000.tar", out / "stray.tar")
+    code, _, err = run(capsys, "verify", out)
+    assert "shard-000001.tar: index shard-000001.idx missing" in err and "stray.tar: tar file not listed" in err
+
+
+# -----------------------------------------------------------------------------
+# real data from ../shared/data
+
+
+@shared
+def test_lspet_validation_split_from_shared(tmp_path, capsys):
+    """im08001..im08100 of the full set, in 2 workers; im08075 has a real joint 145 px outside its image."""
+    root = SHARED / "lspet"
+    out = tmp_path / "out"
+    assert run(capsys, "shard", "lspet", "--root", root, "--range", "8001:8100", "--out", out, "--workers", 2,
+               "--maxcount", 30)[0] == 0
+    joints = scipy.io.loadmat(root / "joints.mat")["joints"]
+    samples = dali_read(out)
+    assert sorted(samples) == list(range(8001, 8101))
+    m = manifest(out)
+    assert [(d["key"], d["joint"]) for d in m["dropped_joints"]] == [("lspet_008075", "right_knee")]
+    for i, s in samples.items():
+        vis = (joints[:, 2, i - 1] > 0) & ~((i == 8075) & (np.arange(14) == 1))
+        np.testing.assert_array_equal(s["kp"][vis, :2], joints[vis, :2, i - 1].astype(np.float32))
+        assert (s["kp"][~vis] == 0).all()
+    assert verify(str(out), progress=False) == []
+
+
+@shared
+def test_mpii_fixtures_round_trip(tmp_path, capsys):
+    ann = SHARED / "pose_fixtures" / "mpii" / "test_mpii.json"
+    out = tmp_path / "out"
+    assert run(capsys, "shard", "mpii", "--images", ann.parent, "--annotations", ann, "--out", out)[0] == 0
+    assert verify(str(out), progress=False) == []
+    records = json.loads(ann.read_text())
+    samples = dali_read(out)
+    assert sorted(samples) == list(range(len(records))) == [0, 1, 2, 3, 4]
+    for i, s in samples.items():
+        rec = records[i]
+        vis = np.array(rec["joints_vis"]) > 0
+        np.testing.assert_allclose(s["kp"][vis, :2], np.array(rec["joints"])[vis] - 1, rtol=1e-6)
+        assert (s["kp"][~vis] == 0).all()
+        size = rec["scale"] * 200
+        np.testing.assert_allclose(s["box"], [rec["center"][0] - 1 - size / 2, rec["center"][1] - 1 - size / 2,
+                                              size, size], rtol=1e-5)
+    assert manifest(out)["joints"][9] == "head_top" and [10, 15] in manifest(out)["flip_pairs"]
+    # a record with 15 joints is skipped and counted, not a crash
+    records[2]["joints"] = records[2]["joints"][:15]
+    bad = tmp_path / "mpii15.json"
+    bad.write_text(json.dumps(records))
+    assert run(capsys, "shard", "mpii", "--images", ann.parent, "--annotations", bad, "--out", tmp_path / "o2")[0] == 0
+    m = manifest(tmp_path / "o2")
+    assert m["num_samples"] == 4 and m["skipped"][0]["reason"].startswith("wrong joint count")
+
+
+@shared
+@pytest.mark.parametrize("split", ["val2017", "train2017"])
+def test_coco_mini_round_trip(tmp_path, capsys, split):
+    """One sample per non-crowd person with keypoints; v 0/1/2 kept; listed-but-missing images reported."""
+    ann_file = SHARED / "coco_mini" / "annotations" / f"person_keypoints_{split}.json"
+    images = SHARED / "coco_mini" / split
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "shard", "coco", "--images", images, "--annotations", ann_file, "--out", out,
+                            "--workers", 2, "--maxcount", 25)
+    assert code == 0, err
+    coco = json.loads(ann_file.read_text())
+    present = set(os.listdir(images))
+    listed_missing = [im["file_name"] for im in coco["images"] if im["file_name"] not in present]
+    assert len(listed_missing) > 40
+    m = manifest(out)
+    assert m["missing_images"] == listed_missing and "images listed in the annotations are missing" in stdout
+    expected = {a["id"]: a for a in coco["annotations"] if not a["iscrowd"] and a["num_keypoints"] > 0}
+    assert m["num_samples"] == len(expected) and m["num_skipped"] == len(coco["annotations"]) - len(expected)
+    assert sum(s["reason"] == "crowd annotation" for s in m["skipped"]) == sum(a["iscrowd"] for a in coco["annotations"])
+    assert verify(str(out), progress=False) == []
+    samples = dali_read(out)
+    assert sorted(samples) == sorted(expected)
+    for ann_id, s in samples.items():
+        src = np.array(expected[ann_id]["keypoints"], dtype=np.float32).reshape(17, 3)
+        np.testing.assert_array_equal(s["kp"], src)
+        np.testing.assert_array_equal(s["box"], np.array(expected[ann_id]["bbox"], dtype=np.float32))
+    assert {2.0, 1.0} <= {float(v) for s in samples.values() for v in s["kp"][:, 2]}
+
+
+@shared
+def test_coco_person_with_missing_image_is_skipped(tmp_path, capsys):
+    """Only the images folder changes: a keypoint person whose image file is gone is skipped and counted."""
+    ann_file = SHARED / "coco_mini" / "annotations" / "person_keypoints_val2017.json"
+    images = tmp_path / "val2017"
+    images.mkdir()
+    for name in os.listdir(SHARED / "coco_mini" / "val2017"):
+        os.symlink(SHARED / "coco_mini" / "val2017" / name, images / name)
+    coco = json.loads(ann_file.read_text())
+    person = next(a for a in coco["annotations"] if a["num_keypoints"] > 0 and not a["iscrowd"])
+    os.remove(images / f"{person['image_id']:012d}.jpg")
+    assert run(capsys, "shard", "coco", "--images", images, "--annotations", ann_file, "--out", tmp_path / "out")[0] == 0
+    m = manifest(tmp_path / "out")
+    missing = [s for s in m["skipped"] if s["reason"] == "image file missing"]
+    assert missing and all(s["source"].endswith(f"{person['image_id']:012d}.jpg") for s in missing)
+    assert f"{person['image_id']:012d}.jpg" in m["missing_images"]
