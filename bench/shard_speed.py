@@ -4,13 +4,15 @@ against a floor measured in the same run (stdlib tarfile, one process: read each
 
     .venv/bin/python bench/shard_speed.py [--root ../shared/data/lspet] [--repeat 3]
 
-Prints images/s per variant (best of --repeat) and the time per image relative to the baseline.
+Prints images/s per variant (best of --repeat), the wall time per image relative to the baseline, and
+the CPU time per image summed over all processes (steadier than wall time on a shared machine).
 Target (issue 3): >= 5,000 img/s with 2 workers, and within 2x of the baseline's time per image.
 """
 
 import argparse
 import io
 import os
+import resource
 import sys
 import tarfile
 import tempfile
@@ -35,14 +37,21 @@ def baseline(paths, out):
             tar.addfile(info, io.BytesIO(data))
 
 
+def cpu_seconds():
+    """User + system time of this process and its finished children (the worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def best_time(fn, repeat):
-    times = []
+    """-> (best wall seconds, CPU seconds of that run)."""
+    runs = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as out:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             fn(out)
-            times.append(time.perf_counter() - t0)
-    return min(times)
+            runs.append((time.perf_counter() - t0, cpu_seconds() - c0))
+    return min(runs)
 
 
 def main():
@@ -60,13 +69,15 @@ def main():
             f.read()
     print(f"{n} LSPET images from {args.root}, {os.cpu_count()} CPUs, best of {args.repeat}")
 
-    base = best_time(lambda out: baseline(paths, out), args.repeat)
-    print(f"baseline stdlib tarfile, 1 process : {n / base:8.0f} img/s  ({base * 1e6 / n:.0f} us/img)")
+    base, base_cpu = best_time(lambda out: baseline(paths, out), args.repeat)
+    print(f"baseline stdlib tarfile, 1 process : {n / base:8.0f} img/s  {base * 1e6 / n:5.0f} us/img wall, "
+          f"{base_cpu * 1e6 / n:5.0f} us/img CPU")
     for workers in (1, 2):
-        t = best_time(lambda out: write_shards(records, [], "lspet", out, maxcount=args.maxcount,
-                                               workers=workers, progress=False), args.repeat)
-        print(f"shards.write_shards, {workers} worker(s)  : {n / t:8.0f} img/s  ({t * 1e6 / n:.0f} us/img, "
-              f"{t / base:.2f}x baseline time)")
+        t, cpu = best_time(lambda out: write_shards(records, [], "lspet", out, maxcount=args.maxcount,
+                                                    workers=workers, progress=False), args.repeat)
+        print(f"shards.write_shards, {workers} worker(s)  : {n / t:8.0f} img/s  {t * 1e6 / n:5.0f} us/img wall, "
+              f"{cpu * 1e6 / n:5.0f} us/img CPU, {t / base:.2f}x baseline wall time")
+    print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work skews wall times)")
 
 
 if __name__ == "__main__":
