@@ -257,7 +257,7 @@ def read_mpii_mat(images, annotations):
         raise AnnotationError(f"{annotations}: field 'RELEASE.annolist' missing")
     annolist = _mat_list(release.annolist)
     is_train = _mat_list(getattr(release, "img_train", [None] * len(annolist)))
-    records, skipped = [], []
+    records, skipped, person = [], [], 0
     for i, anno in enumerate(annolist):
         try:
             name = anno.image.name
@@ -265,36 +265,43 @@ def read_mpii_mat(images, annotations):
             raise AnnotationError(f"{annotations}: RELEASE.annolist({i + 1}).image.name missing") from None
         rects = _mat_list(anno.annorect) if hasattr(anno, "annorect") else []
         for r, rect in enumerate(rects):
-            source = f"{annotations}#annolist({i + 1}).annorect({r + 1}) ({name})"
             points = getattr(rect, "annopoints", None)
-            if points is None or not hasattr(points, "point"):
+            if not hasattr(points, "point"):
                 continue  # persons without joint annotation (test set, group shots): not samples
-            kp = np.zeros((16, 3))
-            for p in _mat_list(points.point):
-                j = int(p.id)
-                if not 0 <= j < 16:
-                    skipped.append(_skip(source, f"joint id {j} outside 0..15"))
-                    break
+            idx, person = person, person + 1
+            source = f"{annotations}#annolist({i + 1}).annorect({r + 1}) ({name})"
+            try:
                 # every listed point is labelled; is_visible is often empty or a string in the release
-                kp[j] = [float(p.x) - 1.0, float(p.y) - 1.0, 1.0]
-            else:
-                head = [float(rect.x1) - 1, float(rect.y1) - 1, float(rect.x2 - rect.x1), float(rect.y2 - rect.y1)]
-                center = [float(rect.objpos.x) - 1, float(rect.objpos.y) - 1]
+                ids = [int(p.id) for p in _mat_list(points.point)]
+                xy = [(float(p.x) - 1.0, float(p.y) - 1.0) for p in _mat_list(points.point)]
+                center = [float(rect.objpos.x) - 1.0, float(rect.objpos.y) - 1.0]
                 scale = float(rect.scale)
-                size = scale * 200.0
-                idx = len(records) + len(skipped)
-                records.append(Record(
-                    key=f"mpii_{idx:06d}",
-                    idx=idx,
-                    image=os.path.join(images, name),
-                    keypoints=kp,
-                    box=[center[0] - size / 2, center[1] - size / 2, size, size],
-                    center=center,
-                    scale=scale,
-                    head_box=head,
-                    source_id=f"{name}#{r + 1}",
-                    extra={"img_train": None if is_train[i] is None else int(is_train[i])},
-                ))
+            except (AttributeError, TypeError, ValueError) as e:
+                skipped.append(_skip(source, f"incomplete person annotation ({e})"))
+                continue
+            if any(not 0 <= j < 16 for j in ids):
+                skipped.append(_skip(source, f"wrong joint count: joint ids {ids}, expected 0..15"))
+                continue
+            kp = np.zeros((16, 3))
+            for j, (x, y) in zip(ids, xy):
+                kp[j] = [x, y, 1.0]
+            try:
+                head = [float(rect.x1) - 1.0, float(rect.y1) - 1.0, float(rect.x2 - rect.x1), float(rect.y2 - rect.y1)]
+            except (AttributeError, TypeError, ValueError):
+                head = None
+            size = scale * 200.0  # MPII scale: person height / 200 px
+            records.append(Record(
+                key=f"mpii_{idx:06d}",
+                idx=idx,
+                image=os.path.join(images, name),
+                keypoints=kp,
+                box=[center[0] - size / 2, center[1] - size / 2, size, size],
+                center=center,
+                scale=scale,
+                head_box=head,
+                source_id=f"{name}#{r + 1}",
+                extra={"img_train": None if is_train[i] is None else int(is_train[i])},
+            ))
     return records, skipped, {}
 
 
@@ -333,7 +340,12 @@ def read_coco(images, annotations, min_keypoints=1):
         if image_id not in image_info:
             skipped.append(_skip(source, f"image id {image_id} not in field 'images'"))
             continue
-        kps = np.asarray(_field(annotations, where, ann, "keypoints"), dtype=np.float64)
+        try:
+            kps = np.asarray(_field(annotations, where, ann, "keypoints"), dtype=np.float64)
+            bbox = [float(b) for b in _field(annotations, where, ann, "bbox")]
+            ann_id = int(ann_id)
+        except (TypeError, ValueError):
+            raise AnnotationError(f"{annotations}: {where} has a non-numeric 'keypoints', 'bbox' or 'id'") from None
         if kps.size != 3 * num_joints:
             skipped.append(_skip(source, f"wrong joint count: {kps.size} keypoint values, expected {3 * num_joints}"))
             continue
@@ -342,7 +354,6 @@ def read_coco(images, annotations, min_keypoints=1):
         if labelled < max(min_keypoints, 1):
             skipped.append(_skip(source, f"{labelled} labelled keypoints < {max(min_keypoints, 1)}"))
             continue
-        bbox = _field(annotations, where, ann, "bbox")
         info = image_info[image_id]
         file_name = _field(annotations, f"image id {image_id}", info, "file_name")
         records.append(Record(
@@ -350,8 +361,8 @@ def read_coco(images, annotations, min_keypoints=1):
             idx=int(ann_id),
             image=os.path.join(images, file_name),
             keypoints=kps,
-            box=[float(b) for b in bbox],
-            source_id=int(ann_id),
+            box=bbox,
+            source_id=ann_id,
             extra={"image_id": image_id, "file_name": file_name, "area": ann.get("area"),
                    "num_keypoints": ann.get("num_keypoints")},
         ))

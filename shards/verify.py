@@ -40,7 +40,7 @@ def index_matches(tar_path, idx_path):
             return a.read() == b.read()
 
 
-def check_sample(key, members, num_joints):
+def check_sample(members, num_joints):
     """Problems of one sample, given {ext: bytes}."""
     problems = []
     exts = set(members)
@@ -135,7 +135,7 @@ def verify(out, progress=True):
                 if key in seen_keys:
                     problems.append(f"{name} sample {key}: key appears twice")
                 seen_keys.add(key)
-                problems += [f"{name} sample {key}: {p}" for p in check_sample(key, members, num_joints)]
+                problems += [f"{name} sample {key}: {p}" for p in check_sample(members, num_joints)]
                 if "idx.npy" in members:
                     try:
                         sample_id = int(np.load(io.BytesIO(members["idx.npy"])).ravel()[0])

@@ -431,3 +431,46 @@ def test_coco_person_with_missing_image_is_skipped(tmp_path, capsys):
     missing = [s for s in m["skipped"] if s["reason"] == "image file missing"]
     assert missing and all(s["source"].endswith(f"{person['image_id']:012d}.jpg") for s in missing)
     assert f"{person['image_id']:012d}.jpg" in m["missing_images"]
+
+
+def struct_array(items):
+    """A MATLAB struct array (1 x n) for scipy.io.savemat, from dicts with the same fields."""
+    arr = np.empty((1, len(items)), dtype=[(f, object) for f in items[0]])
+    for i, item in enumerate(items):
+        for f, v in item.items():
+            arr[0, i][f] = v
+    return arr
+
+
+@shared
+def test_mpii_official_mat_gives_the_json_keypoints(tmp_path, capsys):
+    """The 5 MPII fixture persons written in the layout of mpii_human_pose_v1_u12_1.mat (1-based,
+    RELEASE.annolist(i).annorect(j).annopoints.point) shard to the same keypoints as the JSON form;
+    a person without annopoints is not a sample; one with a joint id 16 is skipped and counted."""
+    ann = SHARED / "pose_fixtures" / "mpii" / "test_mpii.json"
+    records = json.loads(ann.read_text())
+    annolist = []
+    for r in records:
+        points = [{"id": j, "x": x, "y": y, "is_visible": 1}
+                  for j, ((x, y), v) in enumerate(zip(r["joints"], r["joints_vis"])) if v]
+        person = {"x1": 11.0, "y1": 21.0, "x2": 51.0, "y2": 71.0, "scale": r["scale"],
+                  "objpos": {"x": r["center"][0], "y": r["center"][1]}, "annopoints": {"point": struct_array(points)}}
+        unannotated = {**person, "annopoints": np.zeros((0, 0))}
+        annolist.append({"image": {"name": r["image"]}, "annorect": struct_array([unannotated, person])})
+    bad = {**person, "annopoints": {"point": struct_array([{"id": 16, "x": 1.0, "y": 1.0, "is_visible": 1}])}}
+    annolist.append({"image": {"name": records[0]["image"]}, "annorect": struct_array([bad])})
+    mat = tmp_path / "mpii_human_pose_v1_u12_1.mat"
+    scipy.io.savemat(mat, {"RELEASE": {"annolist": struct_array(annolist), "img_train": np.ones((1, 6))}})
+    assert run(capsys, "shard", "mpii", "--images", ann.parent, "--annotations", mat, "--out", tmp_path / "mat")[0] == 0
+    assert run(capsys, "shard", "mpii", "--images", ann.parent, "--annotations", ann, "--out", tmp_path / "json")[0] == 0
+    m = manifest(tmp_path / "mat")
+    assert m["num_samples"] == 5 and [s["reason"].split(":")[0] for s in m["skipped"]] == ["wrong joint count"]
+    from_mat, from_json = dali_read(tmp_path / "mat"), dali_read(tmp_path / "json")
+    assert sorted(from_mat) == sorted(from_json) == [0, 1, 2, 3, 4]
+    for i in from_mat:
+        np.testing.assert_array_equal(from_mat[i]["kp"], from_json[i]["kp"])
+        np.testing.assert_allclose(from_mat[i]["box"], from_json[i]["box"], rtol=1e-6)
+    with tarfile.open(tmp_path / "mat" / "shard-000000.tar") as t:
+        meta = json.loads(t.extractfile("mpii_000000.json").read())
+    assert meta["head_box"] == [10.0, 20.0, 40.0, 50.0] and meta["img_train"] == 1
+    assert verify(str(tmp_path / "mat"), progress=False) == []
