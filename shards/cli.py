@@ -23,6 +23,8 @@ def add_output_options(p):
                    help="labelled joints further than this many px outside the image are dropped (reported)")
     p.add_argument("--decode-check", action="store_true",
                    help="also decode every JPEG (reduced size) while sharding; verify always decodes fully")
+    p.add_argument("--non-jpeg", choices=("png", "jpg"), default="png",
+                   help="how to store images that are not JPEG: png (lossless, default) or jpg (quality 95)")
     p.add_argument("--split-file", default=None,
                    help="text file of image file names, one a line: shard only the persons in those images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -92,7 +94,8 @@ def run_shard(args):
         manifest = write_shards(
             records, skipped, args.format, args.out, prefix=args.prefix, maxcount=args.maxcount,
             maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite, margin=args.outside_margin,
-            decode_check=args.decode_check, source=source, args=saved_args, report=report, progress=not args.quiet)
+            decode_check=args.decode_check, non_jpeg=args.non_jpeg, source=source, args=saved_args, report=report,
+            progress=not args.quiet)
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -65,8 +65,9 @@ def npy_bytes(array):
     return NPY_HEADERS[key] + array.tobytes()
 
 
-def read_image(path, decode_check=False):
-    """-> (ext, bytes, width, height). JPEG bytes pass through unchanged, anything else becomes PNG."""
+def read_image(path, decode_check=False, non_jpeg="png"):
+    """-> (ext, bytes, width, height). JPEG bytes pass through unchanged; PNG too; anything else
+    becomes PNG (lossless), or, with non_jpeg="jpg", every non-JPEG becomes a quality-95 JPEG."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -90,10 +91,15 @@ def read_image(path, decode_check=False):
         if b"\xff\xd9" not in data[-64:]:
             raise BadSample("truncated JPEG (no end-of-image marker)")
         return "jpg", data, width, height
-    if image.format == "PNG":
+    if image.format == "PNG" and non_jpeg == "png":
         return "png", data, width, height
+    if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") or non_jpeg == "jpg":
+        image = image.convert("RGB")  # CMYK, YCbCr, float, ...: not storable as PNG / JPEG as they are
     buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless
+    if non_jpeg == "jpg":
+        image.save(buf, format="JPEG", quality=95)
+        return "jpg", buf.getvalue(), width, height
+    image.save(buf, format="PNG")
     return "png", buf.getvalue(), width, height
 
 
@@ -119,12 +125,12 @@ def clean_keypoints(kp, width, height, margin, names):
     return kp.astype(np.float32), dropped
 
 
-def make_sample(record, dataset, margin, decode_check=False):
+def make_sample(record, dataset, margin, decode_check=False, non_jpeg="png"):
     """Record -> (webdataset sample dict, dropped joints). Raises BadSample."""
     names = DATASETS[dataset].joints
     if record.keypoints.shape != (len(names), 3):
         raise BadSample(f"wrong joint count: keypoints {record.keypoints.shape}, expected ({len(names)}, 3)")
-    ext, data, width, height = read_image(record.image, decode_check)
+    ext, data, width, height = read_image(record.image, decode_check, non_jpeg)
     kp, dropped = clean_keypoints(record.keypoints, width, height, margin, names)
     labelled = kp[:, 2] > 0
     if not labelled.any():
@@ -197,7 +203,8 @@ def write_part(task):
     try:
         for record in records:
             try:
-                sample, bad_joints = make_sample(record, cfg["dataset"], cfg["margin"], cfg["decode_check"])
+                sample, bad_joints = make_sample(record, cfg["dataset"], cfg["margin"], cfg["decode_check"],
+                                                 cfg["non_jpeg"])
             except BadSample as e:
                 skipped.append({"source": record.image, "key": record.key, "reason": str(e)})
                 continue
@@ -281,11 +288,12 @@ def remove_partials(out):
 
 
 def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, maxsize=1e9, workers=1,
-                 overwrite=False, margin=4.0, decode_check=False, source=None, args=None, report=None,
-                 progress=True):
+                 overwrite=False, margin=4.0, decode_check=False, non_jpeg="png", source=None, args=None,
+                 report=None, progress=True):
     """Write all records; returns the manifest dict (also saved as {out}/manifest.json)."""
     prepare_out(out, prefix, overwrite)
-    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "decode_check": decode_check}
+    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "decode_check": decode_check,
+           "non_jpeg": non_jpeg}
     tasks = [(n, part, cfg) for n, part in enumerate(plan_parts(records, maxcount, maxsize))]
     bar = tqdm(total=len(records), unit="img", desc=f"shard {dataset}", disable=not progress, smoothing=0)
     parts, nskipped = [], len(skipped)

@@ -44,7 +44,7 @@ def manifest(out):
     return json.loads((Path(out) / "manifest.json").read_text())
 
 
-def dali_read(out):
+def dali_read(out, image_ext="jpg"):
     """Every sample of a shard directory through DALI's reader, no augmentation: -> {idx: sample}."""
     from nvidia.dali import fn, pipeline_def
 
@@ -56,7 +56,7 @@ def dali_read(out):
     @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def pipe():
         image, kp, box, idx = fn.readers.webdataset(paths=tars, index_paths=idxs,
-                                                    ext=["jpg", "kp.npy", "box.npy", "idx.npy"], name="reader")
+                                                    ext=[image_ext, "kp.npy", "box.npy", "idx.npy"], name="reader")
         return fn.decoders.image(image, device="cpu"), fn.decoders.numpy(kp), fn.decoders.numpy(box), fn.decoders.numpy(idx)
 
     p = pipe()
@@ -184,6 +184,30 @@ def test_lsp_format(tmp_path, capsys):
     # an LSPET file given to `shard lsp` is refused with a message naming the field
     code, _, err = run(capsys, "shard", "lsp", "--root", SAMPLE, "--out", tmp_path / "x")
     assert code == 2 and "'joints' has shape (14, 3, 200)" in err and "shard lspet" in err
+
+
+def test_non_jpeg_sources(tmp_path, capsys):
+    """PNG passes through unchanged, other formats (a CMYK TIFF) become lossless PNG; --non-jpeg jpg
+    makes every member a JPEG. DALI reads mixed shards with ext "jpg;png"."""
+    from PIL import Image
+
+    root = tmp_path / "lspet"
+    small_lspet(root, n=3)
+    Image.open(root / "images" / "im00002.jpg").save(root / "images" / "im00002.jpg", format="PNG")
+    tiff = Image.open(root / "images" / "im00003.jpg").convert("CMYK")
+    tiff.save(root / "images" / "im00003.jpg", format="TIFF")
+    assert run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "png")[0] == 0
+    with tarfile.open(tmp_path / "png" / "shard-000000.tar") as t:
+        names = t.getnames()
+        assert t.extractfile("lspet_000002.png").read() == (root / "images" / "im00002.jpg").read_bytes()
+        converted = Image.open(io.BytesIO(t.extractfile("lspet_000003.png").read()))
+        assert np.array_equal(np.array(converted), np.array(tiff.convert("RGB")))
+    assert {"lspet_000001.jpg", "lspet_000002.png", "lspet_000003.png"} <= set(names)
+    samples = dali_read(tmp_path / "png", image_ext="jpg;png")
+    assert samples[3]["image"].shape == (tiff.height, tiff.width, 3)
+    assert run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "jpg", "--non-jpeg", "jpg")[0] == 0
+    assert sorted(dali_read(tmp_path / "jpg")) == [1, 2, 3]
+    assert verify(str(tmp_path / "png"), progress=False) == verify(str(tmp_path / "jpg"), progress=False) == []
 
 
 # -----------------------------------------------------------------------------
