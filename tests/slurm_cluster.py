@@ -94,6 +94,7 @@ class Cluster:
         self.node = node          # the node's name (the host name), e.g. for MASTER_ADDR checks
         self.env = env            # os.environ + SLURM_CONF: use it for any SLURM command you run
         self.conf = Path(env["SLURM_CONF"])
+        self.start_seconds = 0.0  # daemons started to node idle (set by slurm_cluster)
 
     # --- commands ---------------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
