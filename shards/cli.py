@@ -21,8 +21,6 @@ def add_output_options(p):
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--outside-margin", type=float, default=4.0,
                    help="labelled joints further than this many px outside the image are dropped (reported)")
-    p.add_argument("--decode-check", action="store_true",
-                   help="also decode every JPEG (reduced size) while sharding; verify always decodes fully")
     p.add_argument("--non-jpeg", choices=("png", "jpg"), default="png",
                    help="how to store images that are not JPEG: png (lossless, default) or jpg (quality 95)")
     p.add_argument("--split-file", default=None,
@@ -94,7 +92,7 @@ def run_shard(args):
         manifest = write_shards(
             records, skipped, args.format, args.out, prefix=args.prefix, maxcount=args.maxcount,
             maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite, margin=args.outside_margin,
-            decode_check=args.decode_check, non_jpeg=args.non_jpeg, source=source, args=saved_args, report=report,
+            non_jpeg=args.non_jpeg, source=source, args=saved_args, report=report,
             progress=not args.quiet)
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -65,7 +65,7 @@ def npy_bytes(array):
     return NPY_HEADERS[key] + array.tobytes()
 
 
-def read_image(path, decode_check=False, non_jpeg="png"):
+def read_image(path, non_jpeg="png"):
     """-> (ext, bytes, width, height). JPEG bytes pass through unchanged; PNG too; anything else
     becomes PNG (lossless), or, with non_jpeg="jpg", every non-JPEG becomes a quality-95 JPEG."""
     try:
@@ -78,11 +78,9 @@ def read_image(path, decode_check=False, non_jpeg="png"):
     if not data:
         raise BadSample("empty image file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # parses the header only; `verify` decodes everything
         width, height = image.size
-        if image.format != "JPEG" or decode_check:
-            if image.format == "JPEG":
-                image.draft("RGB", (width // 8, height // 8))  # DCT-domain downscale: a cheap full decode
+        if image.format != "JPEG":
             image.load()
     except Exception as e:  # PIL raises many types for broken files
         raise BadSample(f"not a readable image ({type(e).__name__}: {e})") from None
@@ -125,12 +123,12 @@ def clean_keypoints(kp, width, height, margin, names):
     return kp.astype(np.float32), dropped
 
 
-def make_sample(record, dataset, margin, decode_check=False, non_jpeg="png"):
+def make_sample(record, dataset, margin, non_jpeg="png"):
     """Record -> (webdataset sample dict, dropped joints). Raises BadSample."""
     names = DATASETS[dataset].joints
     if record.keypoints.shape != (len(names), 3):
         raise BadSample(f"wrong joint count: keypoints {record.keypoints.shape}, expected ({len(names)}, 3)")
-    ext, data, width, height = read_image(record.image, decode_check, non_jpeg)
+    ext, data, width, height = read_image(record.image, non_jpeg)
     kp, dropped = clean_keypoints(record.keypoints, width, height, margin, names)
     labelled = kp[:, 2] > 0
     if not labelled.any():
@@ -203,8 +201,7 @@ def write_part(task):
     try:
         for record in records:
             try:
-                sample, bad_joints = make_sample(record, cfg["dataset"], cfg["margin"], cfg["decode_check"],
-                                                 cfg["non_jpeg"])
+                sample, bad_joints = make_sample(record, cfg["dataset"], cfg["margin"], cfg["non_jpeg"])
             except BadSample as e:
                 skipped.append({"source": record.image, "key": record.key, "reason": str(e)})
                 continue
@@ -288,12 +285,11 @@ def remove_partials(out):
 
 
 def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, maxsize=1e9, workers=1,
-                 overwrite=False, margin=4.0, decode_check=False, non_jpeg="png", source=None, args=None,
+                 overwrite=False, margin=4.0, non_jpeg="png", source=None, args=None,
                  report=None, progress=True):
     """Write all records; returns the manifest dict (also saved as {out}/manifest.json)."""
     prepare_out(out, prefix, overwrite)
-    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "decode_check": decode_check,
-           "non_jpeg": non_jpeg}
+    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "non_jpeg": non_jpeg}
     tasks = [(n, part, cfg) for n, part in enumerate(plan_parts(records, maxcount, maxsize))]
     bar = tqdm(total=len(records), unit="img", desc=f"shard {dataset}", disable=not progress, smoothing=0)
     parts, nskipped = [], len(skipped)
