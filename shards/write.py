@@ -108,17 +108,16 @@ def clean_keypoints(kp, width, height, margin, names):
     kp = np.array(kp, dtype=np.float64)
     claimed = ~(kp[:, 2] <= 0)  # NaN visibility counts as a claim so that it is reported
     finite = np.isfinite(kp).all(axis=1)
-    x, y = kp[:, 0], kp[:, 1]
-    with np.errstate(invalid="ignore"):
-        inside = (x >= -margin) & (y >= -margin) & (x <= width - 1 + margin) & (y <= height - 1 + margin)
+    xy = kp[:, :2]
+    inside = ((xy >= -margin) & (xy <= (width - 1 + margin, height - 1 + margin))).all(axis=1)  # NaN: False
+    labelled = claimed & finite & inside
     dropped = []
-    for j in np.flatnonzero(claimed & ~(finite & inside)):
+    for j in np.flatnonzero(claimed & ~labelled):
         if not finite[j]:
             reason = f"non-finite keypoint {kp[j].tolist()}"
         else:
-            reason = f"keypoint ({x[j]:.1f}, {y[j]:.1f}) more than {margin:g} px outside the {width}x{height} image"
+            reason = f"keypoint ({xy[j, 0]:.1f}, {xy[j, 1]:.1f}) more than {margin:g} px outside the {width}x{height} image"
         dropped.append({"joint": names[j], "reason": reason})
-    labelled = claimed & finite & inside
     kp[~labelled] = 0.0
     return kp.astype(np.float32), dropped
 
