@@ -60,26 +60,17 @@ class ShardSet:
         return perm
 
 
-# `fn.decoders.numpy` needs CUDA even in CPU-only mode (DALI 2.4), so the .npy members are read as raw
-# typed data and the fixed 128-byte header that np.save writes for these small arrays is dropped.
-# `mshg verify` checks that every .npy member has exactly this header size.
-NPY_HEADER_BYTES = 128
-
-
-def npy_payload(raw, itemsize: int):
-    return raw[NPY_HEADER_BYTES // itemsize:]
-
-
 @pipeline_def
 def pose_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int, num_shards: int, gpu: bool):
     jpeg, kp, box, sample_id = fn.readers.webdataset(
         paths=shards.tars, index_paths=shards.indexes, ext=["jpg;png", "kp.npy", "box.npy", "idx.npy"],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer,
-        dtypes=[types.UINT8, types.FLOAT, types.FLOAT, types.INT64],
         pad_last_batch=True, seed=cfg.seed, name="reader")
-    kp = fn.reshape(npy_payload(kp, 4), shape=[-1, 3])
-    box = npy_payload(box, 4)
-    sample_id = npy_payload(sample_id, 8)
+    # DALI 2.4's CPU numpy decoder needs C-order arrays (a Fortran-order one fails with a CUDA error);
+    # the sharder writes C order and `mshg verify` checks it
+    kp = fn.decoders.numpy(kp)
+    box = fn.decoders.numpy(box)
+    sample_id = fn.decoders.numpy(sample_id)
     image = fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
     size = float(cfg.input_size)

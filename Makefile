@@ -1,0 +1,41 @@
+# The two commands a new user runs (see README): `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch 2.13.0 is what these machines were measured with (a CPU build lies on their disk); on a GPU
+# cluster install your own CUDA torch first and run `make setup TORCH=` to keep it.
+TORCH  ?= torch==2.13.0
+SHARDS := runs/shards
+CONFIG ?= configs/msc_hg_cpu.yaml
+RANKS  ?= 2
+
+.PHONY: setup demo shards train test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+# Shard the embedded LSPET sample: images 1-160 train, 161-200 held apart for validation.
+shards: setup
+	$(BIN)/mshg shard lspet --root shards/sample/lspet --out $(SHARDS)/lspet-train --range 1:160 --overwrite --quiet
+	$(BIN)/mshg shard lspet --root shards/sample/lspet --out $(SHARDS)/lspet-val --range 161:200 --overwrite --quiet
+	$(BIN)/mshg verify $(SHARDS)/lspet-train --quiet
+	$(BIN)/mshg verify $(SHARDS)/lspet-val --quiet
+
+# The main job on the embedded default: DeepSpeed ZeRO-2 on 2 CPU ranks fed by DALI, tracked in MLflow.
+train: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mshg train --ranks $(RANKS) --config $(CONFIG) $(ARGS)
+
+demo: shards train
+
+test: setup
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs mlruns mlflow.db

@@ -1,0 +1,100 @@
+"""`mshg`: the command line. Each subcommand is a thin door into a module that does the work.
+
+    mshg shard lspet --root DIR --out DIR [--range FIRST:LAST]     (shards/cli.py)
+    mshg verify DIR
+    mshg train --config FILE [--ranks N] [key=value ...]
+    mshg evaluate --checkpoint runs/NAME --shards DIR
+    mshg predict --checkpoint runs/NAME --out preds.json IMAGE...
+    mshg model-info CONFIG...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+
+def cmd_train(args) -> int:
+    if args.ranks > 1:  # hand over to DeepSpeed's launcher, which starts the ranks
+        from pipeline.distributed import use_cpu_accelerator_if_no_gpu
+
+        use_cpu_accelerator_if_no_gpu()
+        launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
+               "--module", "pipeline.train", "--config", args.config, *args.overrides]
+        print(" ".join(cmd), flush=True)
+        os.execvpe(cmd[0], cmd, os.environ)
+    from pipeline import train
+
+    return train.main(["--config", args.config, *args.overrides])
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline import evaluate
+
+    return evaluate.main(args)
+
+
+def cmd_predict(args) -> int:
+    from pipeline import predict
+
+    return predict.main(args)
+
+
+def cmd_model_info(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.model import describe
+
+    for path in args.configs:
+        print(describe(load_config(path), num_joints=args.joints))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shards.cli import add_commands as add_shard_commands
+
+    parser = argparse.ArgumentParser(prog="mshg", description="Multi-scale cascaded hourglass pose pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_shard_commands(sub)
+
+    p = sub.add_parser("train", help="train a model (DeepSpeed; one process, or --ranks N through the launcher)")
+    p.add_argument("--config", required=True, help="YAML under configs/")
+    p.add_argument("--ranks", type=int, default=1, help="processes on this machine (GPUs, or CPU ranks)")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stop.max_steps=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="PCK@0.2 of trained weights on a shard set")
+    p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or a .safetensors file")
+    p.add_argument("--shards", required=True, help="a shard directory (with manifest.json)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")
+    p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or a .safetensors file")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; default: the whole image")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("model-info", help="parameter count and FLOPs of configs")
+    p.add_argument("configs", nargs="+", help="YAML files under configs/")
+    p.add_argument("--joints", type=int, default=14, help="number of joints to size the heads for")
+    p.set_defaults(func=cmd_model_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: a clear message, not a traceback
+        print(f"mshg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

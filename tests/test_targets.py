@@ -1,0 +1,64 @@
+"""Heatmap targets and the cascade loss."""
+import torch
+
+from pipeline.evaluate import decode_heatmaps
+from pipeline.targets import cascade_loss, joint_weights, make_targets, swap_flipped
+
+SIZE = 256
+STRIDES = [2, 2, 4, 4, 4, 4, 8, 8]
+
+
+def one_joint(x: float, y: float, labelled: float = 1.0) -> torch.Tensor:
+    return torch.tensor([[[x, y, labelled]]])  # (B=1, J=1, 3)
+
+
+def test_peak_sits_at_the_keypoint_at_every_resolution():
+    x, y = 101.3, 57.8  # continuous crop coordinates
+    heatmaps, weights = make_targets(one_joint(x, y), SIZE, STRIDES, sigma=2.0)
+    assert sorted(heatmaps) == [2, 4, 8]
+    for stride, hm in heatmaps.items():
+        assert hm.shape == (1, 1, SIZE // stride, SIZE // stride)
+        flat = int(hm.view(-1).argmax())
+        row, col = divmod(flat, SIZE // stride)
+        assert (col, row) == (int(x / stride), int(y / stride)), stride
+        # decoding the target finds the keypoint again, within a quarter of a heatmap pixel
+        decoded = decode_heatmaps(hm, stride)[0, 0]
+        assert abs(decoded[0] - x) <= stride * 0.5 and abs(decoded[1] - y) <= stride * 0.5, stride
+    assert weights.tolist() == [[1.0]]
+
+
+def test_gaussian_peak_is_one_at_a_pixel_centre_and_sigma_scales_with_stride():
+    hm, _ = make_targets(one_joint(4 * 10 + 2, 4 * 20 + 2), SIZE, [4], sigma=2.0)  # centre of pixel (10, 20)
+    assert torch.isclose(hm[4][0, 0, 20, 10], torch.tensor(1.0))
+    assert torch.isclose(hm[4][0, 0, 20, 12], torch.exp(torch.tensor(-4.0 / 8.0)))  # 2 px away, sigma 2
+
+
+def test_unlabelled_and_out_of_crop_joints_get_zero_weight_and_no_target():
+    kp = torch.tensor([[[10.0, 10.0, 1.0], [10.0, 10.0, 0.0], [-3.0, 10.0, 1.0], [10.0, 300.0, 2.0]]])
+    assert joint_weights(kp, SIZE).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    heatmaps, _ = make_targets(kp, SIZE, STRIDES, sigma=2.0)
+    for hm in heatmaps.values():
+        assert hm[0, 0].max() > 0.5 and hm[0, 1:].abs().max() == 0
+
+
+def test_invisible_joints_add_no_loss_and_each_module_has_its_loss():
+    kp = torch.tensor([[[50.0, 60.0, 1.0], [70.0, 80.0, 0.0]]])
+    heatmaps, weights = make_targets(kp, SIZE, STRIDES, sigma=2.0)
+    preds = [torch.zeros(1, 2, SIZE // s, SIZE // s) for s in STRIDES]
+    total, per_module = cascade_loss(preds, heatmaps, weights, STRIDES)
+    assert len(per_module) == 8 and torch.isclose(total, torch.stack(per_module).sum())
+    noisy = [p.clone() for p in preds]
+    for p in noisy:
+        p[:, 1] = torch.rand_like(p[:, 1]) * 5  # garbage on the invisible joint only
+    total_noisy, _ = cascade_loss(noisy, heatmaps, weights, STRIDES)
+    assert torch.equal(total, total_noisy)
+    for p in noisy:
+        p[:, 0] += 0.1  # but the visible joint counts
+    assert cascade_loss(noisy, heatmaps, weights, STRIDES)[0] > total
+
+
+def test_flip_swaps_left_and_right_joints_only_for_flipped_samples():
+    kp = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    out = swap_flipped(kp, torch.tensor([0.0, 1.0]), [1, 0, 2, 3])
+    assert torch.equal(out[0], kp[0])
+    assert torch.equal(out[1], kp[1][[1, 0, 2, 3]])
