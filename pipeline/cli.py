@@ -12,19 +12,31 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 
 
 def cmd_train(args) -> int:
-    if args.ranks > 1:  # hand over to DeepSpeed's launcher, which starts the ranks
+    if args.ranks > 1:  # DeepSpeed's launcher starts the ranks; we repeat the run's summary at the end
+        from datetime import datetime
+        from pathlib import Path
+
+        from pipeline.config import load_config
         from pipeline.distributed import use_cpu_accelerator_if_no_gpu
 
+        cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any rank starts
+        run_name = cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
         use_cpu_accelerator_if_no_gpu()
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
-               "--module", "pipeline.train", "--config", args.config, *args.overrides]
+               "--module", "pipeline.train", "--config", args.config, *args.overrides,
+               f"train.run_name={run_name}"]
         print(" ".join(cmd), flush=True)
-        os.execvpe(cmd[0], cmd, os.environ)
+        code = subprocess.call(cmd)
+        summary = Path(cfg.train.out_dir) / run_name / "summary.txt"
+        if code == 0 and summary.is_file():
+            print("\n" + summary.read_text(), end="", flush=True)
+        return code
     from pipeline import train
 
     return train.main(["--config", args.config, *args.overrides])

@@ -260,11 +260,10 @@ class Trainer:
         if self.world.is_main:
             if metrics:
                 self.tracker.log_metrics({"final/pck": metrics["pck"]}, self.step)
-                print(f"PCK@0.2 = {100 * metrics['pck']:.1f}", flush=True)
             self.tracker.log_artifact(self.run_dir / "train.log")
-            print(f"checkpoint: {checkpoint}\nweights:    {weights}\nrun dir:    {self.run_dir}", flush=True)
-            print(f"MLflow run {self.tracker.run_id} ({self.cfg.train.experiment}); look at it with:\n"
-                  f"  {self.tracker.ui_command()}", flush=True)
+            summary = summarise_run(self.run_dir, metrics, checkpoint, weights, reason, self.step,
+                                    self.tracker.run_id, self.tracker.ui_command(), seconds)
+            print(summary, flush=True)
         self.tracker.finish()
         return 0
 
@@ -281,6 +280,18 @@ class Trainer:
             print(line, flush=True)
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(line + "\n")
+
+
+def summarise_run(run_dir: Path, metrics: dict | None, checkpoint: Path, weights: Path | None, reason: str,
+                  step: int, run_id: str | None, ui_command: str, seconds: float) -> str:
+    """The lines a run ends with; also kept in runs/NAME/summary.txt so launchers can repeat them."""
+    lines = [f"PCK@0.2 = {100 * metrics['pck']:.1f}"] if metrics else []
+    lines += [f"stopped at step {step} ({reason}) after {seconds:.0f} s of training",
+              f"checkpoint: {checkpoint}", f"weights:    {weights}", f"run dir:    {run_dir}",
+              f"MLflow run {run_id}; look at it with:", f"  {ui_command}"]
+    text = "\n".join(lines)
+    (run_dir / "summary.txt").write_text(text + "\n")
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
