@@ -4,7 +4,9 @@
     mshg verify DIR
     mshg train --config FILE [--ranks N] [key=value ...]
     mshg evaluate --checkpoint runs/NAME --shards DIR
-    mshg predict --checkpoint runs/NAME --out preds.json IMAGE...
+    mshg predict --checkpoint runs/NAME --out preds.json [--boxes B.json] [--overlay DIR] IMAGE...
+    mshg export --checkpoint CKPT [--safetensors OUT] [--onnx OUT]
+    mshg runs [--experiment mshg] [-n 20]
     mshg model-info CONFIG...
 """
 from __future__ import annotations
@@ -54,6 +56,32 @@ def cmd_predict(args) -> int:
     return predict.main(args)
 
 
+def cmd_export(args) -> int:
+    if not (args.safetensors or args.onnx):
+        raise ValueError("nothing to do: give --safetensors OUT and/or --onnx OUT")
+    weights = args.checkpoint
+    if args.safetensors:
+        from pipeline import weights as weights_module
+
+        export_zero = getattr(weights_module, "export_zero_checkpoint", None)
+        if export_zero is None:
+            raise ValueError("--safetensors: this version cannot convert DeepSpeed checkpoints yet")
+        weights = export_zero(args.checkpoint, args.safetensors)
+        print(f"wrote {weights}")
+        weights = weights or args.safetensors
+    if args.onnx:
+        from pipeline.export import export_onnx
+
+        print(f"wrote {export_onnx(weights, args.onnx)}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from pipeline.track import print_runs
+
+    return print_runs(args.experiment, args.limit, args.tracking_uri)
+
+
 def cmd_model_info(args) -> int:
     from pipeline.config import load_config
     from pipeline.model import describe
@@ -82,15 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="a shard directory (with manifest.json)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")
     p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or a .safetensors file")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; default: the whole image")
+    p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
+    p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="trained weights -> model.safetensors (from a DeepSpeed checkpoint) and/or ONNX")
+    p.add_argument("--checkpoint", required=True, help="a run directory, a .safetensors file, or a DeepSpeed checkpoint")
+    p.add_argument("--safetensors", default=None, metavar="OUT", help="write fp32 weights with their metadata here")
+    p.add_argument("--onnx", default=None, metavar="OUT", help="write the ONNX model (last-module heatmaps) here")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("runs", help="recent MLflow runs: key params and final metrics, as a table")
+    p.add_argument("--experiment", default="mshg")
+    p.add_argument("-n", "--limit", type=int, default=20, help="how many runs, newest first")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("model-info", help="parameter count and FLOPs of configs")
     p.add_argument("configs", nargs="+", help="YAML files under configs/")

@@ -1,0 +1,176 @@
+"""Metric code against hand-computed cases; COCO AP through pycocotools on the real COCO mini sample;
+decoding and the flip test."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main as mshg
+from pipeline.data import ShardSet, build_loader, unpack
+from pipeline.config import DataConfig
+from pipeline.evaluate import (coco_keypoint_eval, crop_heatmaps, decode_heatmaps, format_pck, headline, pck, pckh,
+                               read_metadata, summarise, tracked_metrics)
+from tests.conftest import SHARED_DATA
+
+COCO_MINI = SHARED_DATA / "coco_mini"
+LSP_FLIP = [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 12, 13]
+
+
+def test_pck_hand_computed():
+    # LSP torso: left shoulder (9) to right hip (2); person 0 torso 100 px -> threshold 20 px
+    gt = np.zeros((3, 14, 3))
+    gt[..., 2] = 1
+    gt[0, 9, :2], gt[0, 2, :2] = (0, 0), (60, 80)
+    gt[1, 9, :2], gt[1, 2, :2] = (0, 0), (0, 50)  # torso 50 -> threshold 10
+    gt[2, 9, 2] = 0  # no left shoulder: left out
+    pred = gt.copy()
+    pred[0, 0, 0] += 20.0  # == 0.2 x torso: correct (<=)
+    pred[0, 1, 0] += 20.5  # just over: wrong
+    pred[1, 3, 1] += 10.5  # wrong
+    gt[1, 4, 2] = 0  # unlabelled: not counted whatever the prediction
+    pred[1, 4, :2] += 1000
+    m = pck(pred, gt)
+    assert m["persons"] == 2 and m["left_out"] == 1
+    assert m["pck"] == pytest.approx((28 - 1 - 2) / 27)  # 27 labelled joints, 2 wrong
+    assert m["per_joint"][0] == 1.0 and m["per_joint"][1] == 0.5 and m["per_joint"][3] == 0.5
+    assert m["per_joint"][4] == 1.0  # one labelled, correct
+
+
+def test_pckh_official_head_normalisation_and_mean():
+    # head box 30 x 40: diagonal 50, head size 0.6 * 50 = 30, PCKh@0.5 threshold 15 px
+    gt = np.zeros((3, 16, 3))
+    gt[..., 2] = 1
+    heads = np.array([[10, 20, 30, 40], [0, 0, 30, 40], [np.nan] * 4])
+    pred = gt.copy()
+    pred[0, 0, 0] += 15.0  # == threshold: correct (the official script uses <=)
+    pred[0, 1, 1] += 15.01  # wrong
+    pred[1, 10, :2] += (9.0, 12.0)  # distance 15: correct
+    pred[1, 11, :2] += (9.0, 12.1)  # wrong
+    pred[0, 6, 0] += 100  # pelvis wrong: in its per-joint value, not in the mean
+    pred[1, 7, 0] += 100  # thorax wrong: likewise
+    gt[1, 15, 2] = 0  # unlabelled
+    pred[1, 15, :2] += 1000
+    m = pckh(pred, gt, heads)
+    assert m["persons"] == 2 and m["left_out"] == 1
+    assert m["per_joint"][0] == 1.0 and m["per_joint"][1] == 0.5 and m["per_joint"][11] == 0.5
+    assert m["per_joint"][6] == 0.5 and m["per_joint"][7] == 0.5 and m["per_joint"][15] == 1.0
+    # mean over the 14 joints other than pelvis/thorax, weighted by labelled counts: 27 labelled, 2 wrong
+    assert m["pckh"] == pytest.approx(25 / 27)
+    # scaling the whole scene scales head size and errors alike
+    assert pckh(pred * [3, 3, 1], gt * [3, 3, 1], heads * 3)["pckh"] == pytest.approx(m["pckh"])
+
+
+def test_pckh_through_summarise_maps_crops_back_to_original_pixels():
+    """MPII results in crop coordinates (zoom 2) are mapped back with their matrix before the
+    head-box normalisation (head box in original pixels)."""
+
+    class Shards:
+        dataset, joints, tars = "mpii", [f"j{i}" for i in range(16)], []
+
+    matrix = np.array([[2.0, 0, -50], [0, 2.0, -30]], np.float32)
+    gt_orig = np.zeros((16, 3))
+    gt_orig[:, :2] = np.arange(32).reshape(16, 2) + 100
+    gt_orig[:, 2] = 1
+    to_crop = lambda p: np.concatenate([(p[:, :2] + 0.5) * 2 + [-50, -30], p[:, 2:]], 1)
+    gt = to_crop(gt_orig)
+    pred = gt.copy()
+    pred[0, 0] += 2 * 14.0  # 14 original px: correct for head size 30 (threshold 15)
+    pred[1, 0] += 2 * 16.0  # 16 original px: wrong; in crop pixels 32 would be "correct" at 2x head size
+    results = {7: (pred, gt, matrix, None)}
+    m = summarise(results, Shards(), metadata={7: {"head_box": [0, 0, 30, 40]}})
+    assert m["metric"] == "pckh" and m["per_joint"][0] == 1.0 and m["per_joint"][1] == 0.0
+    assert m["value"] == pytest.approx(13 / 14)
+    assert headline(m) == f"PCKh@0.5 = {100 * 13 / 14:.1f}"
+    tracked = tracked_metrics(m, Shards.joints)
+    assert tracked["pckh"] == m["value"] and tracked["pckh/j1"] == 0.0
+    assert "(not in the mean)" in format_pck(m, Shards.joints).splitlines()[7]
+
+
+def test_decode_argmax_and_quarter_offset():
+    hm = torch.zeros(1, 2, 8, 8)
+    hm[0, 0, 3, 5] = 1.0
+    hm[0, 0, 3, 6] = 0.5  # right neighbour higher than the left one: +0.25 in x
+    hm[0, 0, 2, 5] = 0.2  # upper neighbour higher: -0.25 in y
+    hm[0, 1, 0, 0] = 1.0  # at the border: no shift
+    out = decode_heatmaps(hm, stride=4)
+    assert out[0, 0].tolist() == pytest.approx([(5 + 0.25 + 0.5) * 4, (3 - 0.25 + 0.5) * 4, 1.0])
+    assert out[0, 1].tolist() == pytest.approx([0.5 * 4, 0.5 * 4, 1.0])
+
+
+def test_flip_test_is_left_right_consistent():
+    """For a mirror-symmetric image, the flip-tested heatmaps of any model are their own mirror with
+    left/right joints swapped; a plain forward pass is not. Also: mirrored heatmaps decode to x -> S - x."""
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels=8, stages=[[2, 1], [4, 1]]), 14, 32).eval()
+    half = torch.randint(0, 256, (1, 32, 16, 3), dtype=torch.uint8)
+    image = torch.cat([half, torch.flip(half, dims=[2])], 2)  # symmetric about the vertical axis
+    plain = crop_heatmaps(model, image)
+    tested = crop_heatmaps(model, image, flip_perm=LSP_FLIP)
+    mirror = lambda h: torch.flip(h, dims=[3])[:, LSP_FLIP]
+    torch.testing.assert_close(mirror(tested), tested, atol=1e-6, rtol=0)
+    assert (mirror(plain) - plain).abs().max() > 1e-3
+    a, b = decode_heatmaps(plain, 4), decode_heatmaps(mirror(plain), 4)  # (no ties in a non-symmetric map)
+    np.testing.assert_allclose(b[0, :, 0].numpy(), 32 - a[0, LSP_FLIP, 0].numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def coco_shards(tmp_path_factory):
+    if not COCO_MINI.is_dir():
+        pytest.skip(f"{COCO_MINI} not present")
+    out = tmp_path_factory.mktemp("coco") / "val"
+    assert mshg(["shard", "coco", "--images", str(COCO_MINI / "val2017"), "--annotations",
+                 str(COCO_MINI / "annotations" / "person_keypoints_val2017.json"), "--out", str(out), "--quiet"]) == 0
+    return ShardSet.open(out)
+
+
+def shard_truth(shards):
+    truth = {}
+    for tar in shards.tars:
+        with tarfile.open(tar) as t:
+            for m in t:
+                if m.name.endswith(".kp.npy"):
+                    truth[m.name.split(".")[0]] = np.load(io.BytesIO(t.extractfile(m).read()))
+    return truth
+
+
+def test_coco_ap_is_one_from_ground_truth_and_drops_when_perturbed(coco_shards):
+    metas = read_metadata(coco_shards)
+    ids = sorted(metas)
+    truth = shard_truth(coco_shards)
+    gt = np.stack([truth[metas[i]["key"]] for i in ids]).astype(np.float64)
+    assert len(ids) == coco_shards.num_samples > 50
+    perfect = gt.copy()
+    perfect[..., 2] = 1.0
+    m = coco_keypoint_eval(perfect, gt, [metas[i] for i in ids], coco_shards.joints)
+    assert m["ap"] == pytest.approx(1.0) and m["stats"]["AR"] == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    aps = []
+    for noise in (0.05, 0.15, 0.4):  # a fraction of each person's sqrt(area)
+        noisy = perfect.copy()
+        scale = np.sqrt([metas[i]["area"] for i in ids])[:, None, None]
+        noisy[..., :2] += rng.normal(size=noisy[..., :2].shape) * noise * scale
+        aps.append(coco_keypoint_eval(noisy, gt, [metas[i] for i in ids], coco_shards.joints)["ap"])
+    assert 1.0 > aps[0] > aps[1] > aps[2] >= 0.0, aps
+
+
+def test_coco_ap_through_the_dali_validation_crop(coco_shards):
+    """Ground truth as it leaves the DALI crop, used as the prediction: mapped back to original
+    pixels by summarise, COCO AP is 1.0, so crop and mapping agree with pycocotools' ground truth."""
+    results = {}
+    for batch in build_loader(coco_shards, DataConfig(input_size=64, num_threads=1), 16, train=False):
+        b = unpack(batch, torch.device("cpu"))
+        for i, sid in enumerate(b["sample_id"].view(-1).tolist()):
+            kp = b["keypoints"][i].numpy().copy()
+            pred = kp.copy()
+            pred[:, 2] = 1.0
+            results[sid] = (pred, kp, b["matrix"][i].numpy(), None)
+    m = summarise(results, coco_shards)
+    assert m["metric"] == "coco/AP" and m["samples"] == coco_shards.num_samples
+    assert m["value"] == pytest.approx(1.0, abs=1e-6)
+    assert headline(m) == "COCO AP = 100.0"
+    assert set(tracked_metrics(m, coco_shards.joints)) >= {"coco/AP", "coco/AP50", "coco/AR"}

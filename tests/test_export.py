@@ -1,0 +1,42 @@
+"""`mshg export --onnx`: the ONNX model's heatmaps match PyTorch's within 1e-4 on real image crops
+(onnxruntime, CPU)."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from pipeline.cli import main as mshg
+from pipeline.evaluate import to_model_input
+from pipeline.predict import crop, read_image
+from pipeline.weights import load_trained
+from tests.conftest import SAMPLE
+from tests.test_predict import LSP_JOINTS, weights  # noqa: F401  (the weights fixture)
+
+
+def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):  # noqa: F811
+    out = tmp_path / "model.onnx"
+    assert mshg(["export", "--checkpoint", str(weights), "--onnx", str(out)]) == 0
+    model, cfg, meta = load_trained(weights)
+    size = cfg.data.input_size
+    crops = []
+    for i in (161, 170, 185):
+        image = read_image(str(SAMPLE / "images" / f"im{i:05d}.jpg"))
+        crops.append(crop(image, [0, 0, image.shape[1], image.shape[0]], size, cfg.data.padding)[0])
+    x = to_model_input(torch.from_numpy(np.stack(crops)))
+    with torch.no_grad():
+        expected = model(x)[-1].numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    got = session.run(["heatmaps"], {"image": x.numpy()})[0]  # a batch of 3: the batch axis is dynamic
+    assert got.shape == expected.shape == (3, 14, size // 8, size // 8)
+    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(expected).max() > 1e-3  # not a trivially zero comparison
+    props = session.get_modelmeta().custom_metadata_map
+    assert json.loads(props["joints"]) == LSP_JOINTS and int(props["input_size"]) == size
+    assert int(props["stride"]) == 8
+
+
+def test_export_needs_something_to_do(weights, capsys):  # noqa: F811
+    assert mshg(["export", "--checkpoint", str(weights)]) == 2
+    assert "nothing to do" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""`mshg predict` on real images: batches, --boxes, --overlay, the flip test, an unreadable image."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main as mshg
+from pipeline.config import load_config
+from pipeline.model import build_model
+from pipeline.weights import save_weights
+from tests.conftest import SAMPLE
+
+LSP_JOINTS = ["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
+              "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top"]
+LSP_PAIRS = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """An untrained tiny model's weights file (what a run writes): predict needs weights, not skill."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["name=tiny", "model.channels=16", "data.input_size=64"])
+    model = build_model(cfg.model, 14, 64)
+    return save_weights(model.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors", cfg,
+                        LSP_JOINTS, LSP_PAIRS)
+
+
+def test_predict_batches_overlays_and_reports_unreadable_images(weights, tmp_path, capsys):
+    images = [str(SAMPLE / "images" / f"im{i:05d}.jpg") for i in range(161, 166)]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    box = [10, 20, 60, 90]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({images[1]: box}))
+    out, overlay = tmp_path / "preds.json", tmp_path / "overlay"
+    args = ["predict", "--checkpoint", str(weights), "--out", str(out), "--boxes", str(boxes), "--overlay",
+            str(overlay), "--batch-size", "2", images[0], images[1], str(bad), *images[2:]]
+    assert mshg(args) == 0
+    captured = capsys.readouterr()
+    assert f"{bad}: cannot read or decode this image" in captured.err
+    assert "predict" in captured.err  # the progress bar (3 batches)
+    assert f"could not be read: {bad}" in captured.out
+    preds = json.loads(out.read_text())
+    assert preds["joints"] == LSP_JOINTS
+    assert [p["image"] for p in preds["predictions"]] == images
+    for p in preds["predictions"]:
+        kp = np.array(p["keypoints"])
+        assert kp.shape == (14, 3) and np.isfinite(kp).all()
+    # with a box, the crop is the box padded by 1.25 around its centre: predictions lie in it
+    kp = np.array(preds["predictions"][1]["keypoints"])
+    side, cx, cy = 1.25 * max(box[2:]), box[0] + box[2] / 2, box[1] + box[3] / 2
+    assert (np.abs(kp[:, 0] - cx) <= side / 2 + 1).all() and (np.abs(kp[:, 1] - cy) <= side / 2 + 1).all()
+    # the overlays: one per readable image, the original size, with the skeleton drawn on it
+    written = sorted(p.name for p in overlay.iterdir())
+    assert written == sorted(f"im{i:05d}.jpg" for i in range(161, 166))
+    for name in images:
+        original = cv2.imread(name)
+        drawn = cv2.imread(str(overlay / name.split("/")[-1]))
+        assert drawn.shape == original.shape
+        changed = np.abs(drawn.astype(int) - original.astype(int)).max(-1) > 60
+        assert changed.sum() > 30
+
+
+def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tmp_path):
+    from pipeline.evaluate import crop_to_original, predict_crops
+    from pipeline.predict import crop, read_image
+    from pipeline.weights import load_trained
+
+    image_path = str(SAMPLE / "images" / "im00170.jpg")
+    results = {}
+    for flag in ([], ["--no-flip"]):
+        out = tmp_path / f"p{len(flag)}.json"
+        assert mshg(["predict", "--checkpoint", str(weights), "--out", str(out), *flag, image_path]) == 0
+        results[bool(flag)] = np.array(json.loads(out.read_text())["predictions"][0]["keypoints"])
+    # --no-flip is exactly the model on the crop, decoded and mapped back
+    model, cfg, _ = load_trained(weights)
+    image = read_image(image_path)
+    c, m = crop(image, [0, 0, image.shape[1], image.shape[0]], cfg.data.input_size, cfg.data.padding)
+    kp = predict_crops(model, torch.from_numpy(c[None]))
+    xy = crop_to_original(kp[..., :2], torch.from_numpy(m[None]))[0].numpy()
+    np.testing.assert_allclose(results[True][:, :2], xy, atol=1e-3)
+    assert not np.allclose(results[False][:, :2], results[True][:, :2])
