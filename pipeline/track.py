@@ -3,15 +3,48 @@
 Only rank 0 tracks; other ranks get `Tracker(enabled=False)`, whose methods do nothing.
 The store is MLflow's own default (`sqlite:///mlflow.db` in the working directory) unless
 MLFLOW_TRACKING_URI says otherwise. Metrics are buffered and sent with `log_batch` (one request per
-flush instead of one per value). If the tracking server goes away, training goes on: the tracker
-warns once and drops what it cannot send.
+flush instead of one per value). If the tracking store goes away (or is not there at the start),
+training goes on: the tracker warns once and drops what it cannot send. For an HTTP server the
+tracker caps MLflow's retries and timeouts (unless the environment sets them), so a dead server
+costs seconds once, not minutes per call.
+
+Besides metrics: the git commit as tags, MLflow's own system metrics (CPU, memory, GPU when
+present), JSON/PNG artifacts, the per-stage loss curves (`log_loss_curves`), and the final model
+(`log_model`: `mlflow.pytorch.log_model` in pt2 format with an input example, plus its ONNX export).
+See docs/tracking.md.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_LOSSES = [f"loss/stage_{i}" for i in range(1, 9)]
+# MLflow's HTTP defaults (7 retries with a backoff factor of 2, 120 s timeout) can stall a step
+# for minutes when the server is gone; these apply unless the environment sets its own
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def git_tags(repo: Path = REPO) -> dict[str, str]:
+    """The commit the code runs from (and whether the tree had changes), as run tags; empty when
+    the code is not in a git checkout (an installed package)."""
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.git.commit": commit,
+            "mlflow.source.git.branch": branch}
 
 
 class Tracker:
@@ -26,15 +59,29 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        self._mlflow = mlflow
+        if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         self.client = MlflowClient()
         self._metric = mlflow.entities.Metric
-        mlflow.set_experiment(experiment)
-        if run_id:  # resume: the same run continues its history
-            run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
-        else:
-            run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
+        tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+        try:
+            mlflow.set_experiment(experiment)
+            if run_id:  # resume: the same run continues its history
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+                self._run_tags(tags)
+            else:
+                run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
+        except Exception as e:  # no store at the start: train anyway, untracked
+            self._failed = True
+            warnings.warn(f"MLflow start_run failed ({type(e).__name__}: {e}); training continues without tracking")
+            return
         self.run_id = run.info.run_id
-        self._mlflow = mlflow
+
+    def _run_tags(self, tags: dict) -> None:
+        self._guard("set_tags", self.client.log_batch, self.run_id,
+                    tags=[self._mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
     @property
     def tracking_uri(self) -> str:
@@ -57,8 +104,7 @@ class Tracker:
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
-            tag_list = [self._mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()]
-            self._guard("set_tags", self.client.log_batch, self.run_id, tags=tag_list)
+            self._run_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
@@ -77,10 +123,99 @@ class Tracker:
         if self.enabled:
             self._guard("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """A dict as a JSON (or YAML, by the file's extension) artifact."""
         if self.enabled:
-            self.flush()
+            self._guard("log_dict", self.client.log_dict, self.run_id, data, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """An RGB uint8 array as a PNG artifact, e.g. `predictions/step_000100.png`."""
+        if self.enabled and image is not None:
+            from PIL import Image
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                Image.fromarray(image).save(path, format="PNG")
+                parent = str(Path(artifact_file).parent)
+                self.log_artifact(path, None if parent == "." else parent)
+
+    def log_loss_curves(self, names: list[str] = STAGE_LOSSES, artifact_file: str = "plots/stage_losses.png") -> None:
+        """The per-stage loss curves of the whole run (read back from the store, so a resumed run's
+        earlier steps are in) on one plot, as a PNG artifact."""
+        if not self.enabled or self._failed:
+            return
+        self.flush()
+        histories = {}
+        for name in names:
+            history = self._guard("get_metric_history", self.client.get_metric_history, self.run_id, name)
+            if history:
+                history = sorted(history, key=lambda m: m.step)
+                histories[name] = ([m.step for m in history], [m.value for m in history])
+        if histories:
+            from pipeline.plots import loss_curves
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = loss_curves(histories, Path(tmp) / Path(artifact_file).name,
+                                   title="loss of each hourglass module (stage)")
+                parent = str(Path(artifact_file).parent)
+                self.log_artifact(path, None if parent == "." else parent)
+
+    def log_model(self, model, input_size: int, joints: list[str], flip_pairs: list[list[int]]) -> None:
+        """The final model: `mlflow.pytorch.log_model` (pt2, last-module heatmaps, input example of
+        two zero images so the batch dimension stays dynamic) under `model`, and its ONNX export as
+        the artifact `onnx/model.onnx`. A model that cannot be exported is a warning, not a failed run."""
+        if not self.enabled or self._failed:
+            return
+        import numpy as np
+        import torch
+
+        from pipeline.export import HeatmapModel, export_model_onnx, onnx_metadata
+
+        model = model.float().cpu().eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                onnx_path = export_model_onnx(model, input_size, Path(tmp) / "model.onnx",
+                                              onnx_metadata(joints, flip_pairs, input_size, int(model.strides[-1])))
+            except Exception as e:
+                warnings.warn(f"ONNX export failed ({type(e).__name__}: {e}); the run has no onnx/model.onnx")
+            else:
+                self.log_artifact(onnx_path, "onnx")
+            if self._failed:
+                return
+            example = np.zeros((2, 3, input_size, input_size), np.float32)
+            requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={self._mlflow.__version__}"]
+            try:
+                self._mlflow.pytorch.log_model(HeatmapModel(model).eval(), name="model", input_example=example,
+                                               serialization_format="pt2", pip_requirements=requirements,
+                                               metadata={"joints": joints, "flip_pairs": flip_pairs,
+                                                         "input_size": input_size,
+                                                         "stride": int(model.strides[-1])})
+            except Exception as e:
+                warnings.warn(f"mlflow.pytorch.log_model failed ({type(e).__name__}: {e}); the run has no model")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        if not self._failed:
             self._guard("end_run", self._mlflow.end_run, status=status)
+        if self._failed:
+            self._abandon_run()
+
+    def _abandon_run(self) -> None:
+        """The store is gone: end the run locally without another request (MLflow's exit hook would
+        otherwise try again) and stop the system-metrics thread."""
+        try:
+            from mlflow.tracking import fluent
+
+            monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
+            if monitor is not None:
+                monitor._shutdown_event.set()  # its thread is a daemon; no join on a dead server
+            stack = fluent._active_run_stack.get()
+            while stack:
+                stack.pop()
+        except Exception:  # MLflow internals moved: the exit hook's own try is the fallback
+            pass
 
     def ui_command(self) -> str:
         uri = self.tracking_uri
@@ -91,3 +226,58 @@ class Tracker:
 
 def tracking_uri_hint() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+
+def runs_table(experiment: str = "mshg", limit: int = 20, tracking_uri: str | None = None) -> list[dict]:
+    """The newest runs of an experiment as rows of what a comparison needs (what the UI's table shows)."""
+    from datetime import datetime
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    rows = []
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        final = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("final/")}
+        rows.append({
+            "run": run.info.run_name or run.info.run_id[:8],
+            "status": run.info.status,
+            "started": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+            "dataset": tags.get("dataset", ""), "config": tags.get("config", ""),
+            "zero": tags.get("zero_stage", params.get("train.zero_stage", "")),
+            "ranks": tags.get("world_size", ""),
+            "batch": params.get("train.micro_batch", ""), "lr": params.get("train.lr", ""),
+            "steps": tags.get("stopped_at_step", ""), "stop": tags.get("stop_reason", ""),
+            "loss": f"{metrics['loss/total']:.4f}" if "loss/total" in metrics else "",
+            "img/s": f"{metrics['images_per_s']:.1f}" if "images_per_s" in metrics else "",
+            "final": ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(final.items())),
+            "commit": tags.get("git_commit", "")[:8],
+            "run_id": run.info.run_id,
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | None = None) -> int:
+    """`mshg runs`: the table, newest first, and how to see more."""
+    uri = tracking_uri or tracking_uri_hint()
+    rows = runs_table(experiment, limit, uri)
+    if not rows:
+        print(f"no runs in experiment {experiment!r} at {uri}")
+        return 1
+    print(format_table(rows))
+    ui = f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri} --port 5000"
+    print(f"\n{len(rows)} run(s) of {experiment!r} at {uri}; compare them in the UI: {ui}")
+    return 0
