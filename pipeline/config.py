@@ -39,7 +39,11 @@ class DataConfig:
     rotation_deg: float = 30.0
     rotation_prob: float = 0.6
     flip_prob: float = 0.5
-    color_jitter: float = 0.2  # brightness/contrast/saturation in [1 - j, 1 + j]
+    color_jitter: float = 0.2  # per-channel gains (R, G, B each) in [1 - j, 1 + j]
+    # warp interpolation: linear | nn | auto (linear; nearest for training crops on a CPU, where DALI's
+    # linear warp costs ~10x more, see docs/data.md)
+    interp: str = "auto"
+    region_decode: bool = True  # decode only the part of the image the crop can see (JPEG ROI decode)
     sigma: float = 2.0  # Gaussian sigma in heatmap pixels at stride 4, scaled with the stride
     num_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 256  # DALI `initial_fill`
