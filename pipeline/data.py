@@ -151,19 +151,122 @@ def pose_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int,
     return image, keypoints, flip, matrix, sample_id
 
 
+class BadSampleError(RuntimeError):
+    """An image the pipeline could not decode, with the shard and key it came from."""
+
+
+def reader_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int, num_shards: int,
+                    batch_size: int):
+    """The training pipeline's reader alone, with the same arguments and seed: it yields the very same
+    samples in the same order (readers are deterministic), fast, without decoding anything."""
+    @pipeline_def
+    def replay():
+        image, = fn.readers.webdataset(
+            paths=shards.tars, index_paths=shards.indexes, ext=["jpg;png"], shard_id=shard_id,
+            num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer, pad_last_batch=True,
+            seed=cfg.seed, name="reader"),
+        return image
+
+    pipe = replay(batch_size=batch_size, num_threads=1, device_id=None, seed=cfg.seed)
+    pipe.build()
+    return pipe
+
+
+def undecodable(data: bytes) -> str | None:
+    """Why PIL cannot decode these image bytes, or None when it can."""
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def dali_summary(message: str) -> str:
+    """DALI's multi-line error -> "operator `name`: cause" (the pipeline-definition traceback dropped)."""
+    import re
+
+    op = re.search(r"Error in \w+ operator `([^`]+)`", message)
+    cause = message.split("encountered:", 1)[-1].split("Current pipeline object", 1)[0]
+    cause = " ".join(line.strip() for line in cause.splitlines() if line.strip() and "C++ context" not in line)
+    return f"operator `{op.group(1)}`: {cause}" if op else cause[-500:]
+
+
+class PoseLoader(DALIGenericIterator):
+    """DALIGenericIterator that names the shard and sample when a batch fails.
+
+    DALI's own error says which operator failed ("nvImageCodec failure", "Invalid marker"), not which
+    sample. On a failure the loader replays its reader (same seed, so the same order, without decoding)
+    up to the failed batch, decodes the candidates with PIL and raises BadSampleError naming the tar
+    and key, with DALI's message. The pipeline is unusable after such an error: the run must stop
+    (and `mshg verify` must catch the sample before the next one)."""
+
+    def __init__(self, pipe, replay_args: dict, prefetch: int):
+        self.batches_done = 0  # pipeline runs handed out, over all epochs
+        self._replay_args, self._prefetch = replay_args, prefetch
+        try:
+            super().__init__([pipe], OUTPUTS, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL,
+                             auto_reset=True)
+        except RuntimeError as e:
+            raise self.locate(e) from None
+
+    def __next__(self):
+        try:
+            batch = super().__next__()
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            raise self.locate(e) from None
+        self.batches_done += 1
+        return batch
+
+    def locate(self, error: Exception) -> Exception:
+        dali_message = dali_summary(str(error))
+        try:
+            pipe = reader_pipeline(**self._replay_args)
+            candidates = []
+            for run in range(self.batches_done + self._prefetch + 2):
+                images, = pipe.run()
+                if run >= self.batches_done - 1:
+                    candidates += [(images[i].source_info(), np.array(images[i]).tobytes())
+                                   for i in range(len(images))]
+            bad = []
+            for info, data in dict(candidates).items():
+                why = undecodable(data)
+                if why:
+                    tar, _, name = info.rsplit(":", 2)
+                    bad.append(f"{tar} sample {name.split('.', 1)[0]} ({why})")
+        except Exception as e:  # noqa: BLE001 - never hide the original error behind the search's
+            return BadSampleError(f"the data pipeline failed ({dali_message}); finding the sample failed too: {e}")
+        rank = self._replay_args["shard_id"]
+        if not bad:
+            keys = sorted({info.rsplit(":", 1)[-1].split(".", 1)[0] for info, _ in candidates})
+            return BadSampleError(f"rank {rank}: the data pipeline failed after {self.batches_done} batches "
+                                  f"({dali_message}); PIL decodes every image of the batches in flight "
+                                  f"({', '.join(keys)}): run `mshg verify` on the shards")
+        return BadSampleError(f"rank {rank}: cannot decode {'; '.join(bad)}. DALI: {dali_message}. "
+                              f"Run `mshg verify` on the shard directory and re-shard without it")
+
+
 def build_loader(shards: ShardSet, cfg: DataConfig, batch_size: int, train: bool,
-                 rank: int = 0, world_size: int = 1, device_id: int | None = None) -> DALIGenericIterator:
+                 rank: int = 0, world_size: int = 1, device_id: int | None = None) -> PoseLoader:
     """A DALI iterator over this rank's part of the shards; one pass is one epoch.
 
     Every rank gets the same number of batches (the reader pads its shard to the largest one and
-    the iterator drops the padding from the last, partial batch), so ranks stay in step.
+    the iterator drops the padding from the last, partial batch), so ranks stay in step. The same
+    seed, rank and world size give the same batches again; to resume mid-epoch, skip the batches
+    already consumed (`batches_done` counts them).
     """
+    prefetch = 2
     pipe = pose_pipeline(shards=shards, cfg=cfg, train=train, shard_id=rank, num_shards=world_size,
                          gpu=device_id is not None, batch_size=batch_size, num_threads=cfg.num_threads,
-                         device_id=device_id, seed=cfg.seed + rank, prefetch_queue_depth=2)
+                         device_id=device_id, seed=cfg.seed + rank, prefetch_queue_depth=prefetch)
     pipe.build()
-    return DALIGenericIterator([pipe], OUTPUTS, reader_name="reader",
-                               last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+    replay = dict(shards=shards, cfg=cfg, train=train, shard_id=rank, num_shards=world_size, batch_size=batch_size)
+    return PoseLoader(pipe, replay, prefetch)
 
 
 def unpack(batch: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
