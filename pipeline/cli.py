@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", help="YAML files under configs/")
     p.add_argument("--joints", type=int, default=14, help="number of joints to size the heads for")
     p.set_defaults(func=cmd_model_info)
+
+    from pipeline.show import add_command as add_show_batch  # mshg show-batch (pipeline/show.py)
+
+    add_show_batch(sub)
     return parser
 
 

@@ -261,3 +261,20 @@ def test_an_undecodable_image_names_its_shard_and_key_and_verify_catches_it(lspe
     assert mshg(["verify", str(out), "--quiet"]) == 1
     report = capsys.readouterr()
     assert f"shard-000001.tar sample {bad_key}: image does not decode" in report.out + report.err
+
+
+def test_show_batch_writes_a_png_grid_with_skeletons(lspet_shards, tmp_path):
+    from tests.conftest import tiny_config
+
+    from pipeline.show import LEFT, RIGHT
+
+    out = tmp_path / "grid" / "batch.png"
+    config = tiny_config(tmp_path, lspet_shards)  # input 64: tiles enlarged 4x to 256
+    assert mshg(["show-batch", "--config", str(config), "--out", str(out), "--batch", "6", "--stride", "2"]) == 0
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size == (4 * 256, 2 * 256 + 18)
+        grid = np.asarray(png.convert("RGB"))
+    for colour in (RIGHT, LEFT):  # joints of both sides were drawn
+        assert (np.abs(grid[:512].astype(int) - colour).sum(-1) == 0).sum() > 50
+    assert grid[:256, 512:768].std() > 20 and grid[256:512, 512:].max() == 0  # a crop; empty cells black
+    assert mshg(["show-batch", "--config", str(config), "--out", str(out), "--val", "--stride", "3"]) == 2
