@@ -278,3 +278,23 @@ def test_show_batch_writes_a_png_grid_with_skeletons(lspet_shards, tmp_path):
         assert (np.abs(grid[:512].astype(int) - colour).sum(-1) == 0).sum() > 50
     assert grid[:256, 512:768].std() > 20 and grid[256:512, 512:].max() == 0  # a crop; empty cells black
     assert mshg(["show-batch", "--config", str(config), "--out", str(out), "--val", "--stride", "3"]) == 2
+
+
+@pytest.mark.parametrize("size", [32, 192])  # 32: gains after the warp (region > crop); 192: before it
+def test_colour_jitter_is_a_gain_per_channel_and_sample(lspet_shards, size):
+    shards = ShardSet.open(lspet_shards["val"])
+    common = dict(input_size=size, num_threads=1, scale_range=[1.0, 1.0], rotation_prob=0.0, flip_prob=0.0,
+                  interp="nn")
+    plain = read_all(shards, DataConfig(color_jitter=0.0, **common), train=True, batch=16)[0]
+    jittered = read_all(shards, DataConfig(color_jitter=0.2, **common), train=True, batch=16)[0]
+    assert torch.equal(plain["matrix"], jittered["matrix"])  # same geometry, only colour differs
+    gains = []
+    for p, j in zip(plain["image"].numpy().astype(float), jittered["image"].numpy().astype(float)):
+        for c in range(3):
+            mid = (p[..., c] > 40) & (p[..., c] < 200)
+            g = np.median(j[..., c][mid] / p[..., c][mid])
+            assert 0.79 < g < 1.21
+            assert np.mean(np.abs(j[..., c][mid] - p[..., c][mid] * g) <= 1.5) > 0.95  # one gain per channel
+            gains.append(g)
+    gains = np.array(gains).reshape(-1, 3)
+    assert np.ptp(gains, axis=1).mean() > 0.05 and np.ptp(gains, axis=0).min() > 0.1  # per channel, per sample
