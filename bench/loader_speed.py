@@ -10,6 +10,9 @@ Measured in one run on the same cores, images/s of
   (b) a plain loader: webdataset + PIL decode + OpenCV `warpAffine` in a torch DataLoader with as many
       worker processes as cores, doing the same crop / random scale / rotation / flip / colour jitter
       and the same heatmaps (numpy, per sample, in the workers: what public pose repositories do);
+  (a') and (b'): the same with the other interpolation (DALI's default on a CPU is a nearest-neighbour
+      warp for training crops, its linear warp being ~10x slower than OpenCV's; the plain loader's is
+      linear), so that the ratio can be read at equal interpolation too;
   (c) DALI on the GPU (`device_id=0`, nvJPEG, warp and colour on the GPU, heatmaps in torch on the GPU)
       when there is one; without one it says so.
 
@@ -72,7 +75,8 @@ class PlainPoseDataset(torch.utils.data.IterableDataset):
             m = augment_matrix(box, size, cfg.padding, scale, angle, flip)
             m_index = m.astype(np.float64)
             m_index[:, 2] += m_index[:, :2].sum(1) * 0.5 - 0.5  # OpenCV samples at integer pixel centres
-            crop = cv2.warpAffine(image, m_index, (size, size), flags=cv2.INTER_LINEAR,
+            flags = cv2.INTER_NEAREST if cfg.interp == "nn" else cv2.INTER_LINEAR
+            crop = cv2.warpAffine(image, m_index, (size, size), flags=flags,
                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
             crop = color_jitter(crop, rng, cfg.color_jitter)
             xy = (kp[:, :2] + 0.5) @ m[:, :2].T + m[:, 2]
@@ -86,16 +90,15 @@ class PlainPoseDataset(torch.utils.data.IterableDataset):
 
 
 def color_jitter(img: np.ndarray, rng, jitter: float) -> np.ndarray:
-    """Saturation, contrast (about 128) and brightness factors in [1 - j, 1 + j], in OpenCV's saturating
-    uint8 arithmetic: the same affine colour map as the DALI pipeline's."""
+    """Per-channel gains in [1 - j, 1 + j], rounded and saturated (the pipeline's recipe), as one
+    OpenCV lookup table per channel."""
     import cv2
 
     if jitter <= 0:
         return img
-    s, c, b = rng.uniform(1 - jitter, 1 + jitter, 3)
-    gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    img = cv2.addWeighted(img, s, gray, 1 - s, 0)  # saturation: away from / towards grey
-    return cv2.addWeighted(img, b * c, img, 0, b * 128 * (1 - c))  # contrast about 128, then brightness
+    gains = rng.uniform(1 - jitter, 1 + jitter, 3)
+    table = np.clip(np.rint(np.arange(256, dtype=np.float32)[:, None] * gains), 0, 255).astype(np.uint8)
+    return cv2.LUT(img, table[:, None, :])
 
 
 def gaussian_heatmaps_np(joints, weights, size, stride, sigma):
@@ -183,7 +186,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=2, help="runs per variant, alternating; best reported")
     parser.add_argument("--cores", type=int, default=os.cpu_count(),
                         help="DALI threads and DataLoader workers (default: all cores)")
-    parser.add_argument("--only", choices=["dali", "plain"], default=None)
+    parser.add_argument("--only", choices=["dali", "dali-linear", "plain", "plain-nearest"], default=None)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,21 +198,31 @@ def main():
               f"recipe: scale {cfg.scale_range}, rotation +-{cfg.rotation_deg} deg (p={cfg.rotation_prob}), "
               f"flip p={cfg.flip_prob}, colour +-{cfg.color_jitter}, heatmaps at strides {sorted(set(STRIDES))}")
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-        best = {"dali": (0.0, 0.0), "plain": (0.0, 0.0)}
+        linear = DataConfig(**{**cfg.__dict__, "interp": "linear"})
+        nearest = DataConfig(**{**cfg.__dict__, "interp": "nn"})
+        variants = {"dali": lambda: run_dali(shards, cfg, args.batch, args.images, None),
+                    "dali-linear": lambda: run_dali(shards, linear, args.batch, args.images, None),
+                    "plain": lambda: run_plain(shards, linear, args.batch, args.images, args.cores),
+                    "plain-nearest": lambda: run_plain(shards, nearest, args.batch, args.images, args.cores)}
+        if args.only:
+            variants = {args.only: variants[args.only]}
+        best = {name: (0.0, 0.0) for name in variants}
         for r in range(args.repeat):
-            for name, run in (("dali", lambda: run_dali(shards, cfg, args.batch, args.images, None)),
-                              ("plain", lambda: run_plain(shards, cfg, args.batch, args.images, args.cores))):
-                if args.only in (None, name):
-                    v = run()
-                    best[name] = max(best[name], v)
-                    print(f"  run {r + 1}: {name:5s} {v[0]:7.0f} img/s  {v[1]:5.2f} CPU ms/img", flush=True)
-        (dali, dali_cpu), (plain, plain_cpu) = best["dali"], best["plain"]
-        print(f"(a) DALI CPU pipeline + targets (torch, CPU)      : {dali:7.0f} img/s  {dali_cpu:5.2f} CPU ms/img")
-        print(f"(b) webdataset+PIL+OpenCV DataLoader, {args.cores} workers : {plain:7.0f} img/s  "
-              f"{plain_cpu:5.2f} CPU ms/img")
-        if dali and plain:
-            print(f"ratio DALI CPU / plain: {dali / plain:.2f}x images/s, {plain_cpu / dali_cpu:.2f}x less CPU "
-                  f"per image (target >= 1.5x at 256x256)")
+            for name, run in variants.items():
+                v = run()
+                best[name] = max(best[name], v)
+                print(f"  run {r + 1}: {name:11s} {v[0]:7.0f} img/s  {v[1]:5.2f} CPU ms/img", flush=True)
+        rows = {"dali": "(a) DALI CPU, full recipe + heatmaps (nearest warp) ",
+                "dali-linear": "(a') the same with a linear warp                   ",
+                "plain": f"(b) webdataset+PIL+OpenCV DataLoader, {args.cores} workers   ",
+                "plain-nearest": "(b') the same with a nearest warp                  "}
+        for name, (v, c) in best.items():
+            print(f"{rows[name]}: {v:7.0f} img/s  {c:5.2f} CPU ms/img")
+        for name, base in (("dali", "plain"), ("dali", "plain-nearest"), ("dali-linear", "plain")):
+            (v, c), (b, bc) = best.get(name, (0.0, 0.0)), best.get(base, (0.0, 0.0))
+            if v and b:
+                print(f"ratio {name} / {base}: {v / b:.2f}x images/s, {bc / c:.2f}x less CPU per image"
+                      + (" (target >= 1.5x at 256x256)" if (name, base) == ("dali", "plain") else ""))
         if torch.cuda.is_available():
             v, _ = run_dali(shards, cfg, args.batch, max(args.images, 10000), 0)
             print(f"(c) DALI GPU pipeline + targets (torch, GPU)      : {v:7.0f} img/s on "

@@ -241,6 +241,19 @@ class PoseLoader(DALIGenericIterator):
         self.batches_done += 1
         return batch
 
+    def skip(self, batches: int) -> None:
+        """Run and drop `batches` batches, epoch ends included, as training would have consumed them:
+        a resumed run (same seed, rank and world size) then gets the very batches it would have had
+        next. DALI readers cannot seek and the random ops advance per batch, so this costs what
+        loading them costs (the image work included). After skipping whole epochs the loader stands
+        at the start of the next one."""
+        epochs, rest = divmod(batches, len(self))
+        for _ in range(epochs):
+            for _ in self:
+                pass
+        for _ in range(rest):
+            next(self)
+
     def locate(self, error: Exception) -> Exception:
         dali_message = dali_summary(str(error))
         try:

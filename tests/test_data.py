@@ -183,6 +183,12 @@ def test_two_ranks_cover_every_sample_once_per_epoch_shuffled_and_a_seed_repeats
     for first, second in zip(runs[0][0] + runs[0][1], again[0] + again[1]):
         for key in ("sample_id", "keypoints", "flip", "matrix", "image"):
             assert torch.equal(first[key], second[key]), key
+    resumed = build_loader(shards, cfg, 4, True, 0, 2)
+    resumed.skip(4)  # one epoch (3 batches) and one batch: the rest of epoch 2 is what the first run had
+    rest = [unpack(b, torch.device("cpu")) for b in resumed]
+    assert resumed.batches_done == 6 and len(rest) == 2
+    for first, second in zip(runs[0][1][1:], rest):
+        assert torch.equal(first["image"], second["image"]) and torch.equal(first["matrix"], second["matrix"])
     other_seed = read_all(shards, DataConfig(**{**cfg.__dict__, "seed": 7}), True, 0, 2, batch=4)
     assert any(not torch.equal(a["matrix"], b["matrix"]) for a, b in zip(runs[0][0], other_seed))
 
