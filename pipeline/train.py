@@ -29,7 +29,7 @@ import torch
 from pipeline import distributed
 from pipeline.config import Config, flatten, load_config, save_config, to_dict
 from pipeline.data import ShardSet, build_loader, unpack
-from pipeline.evaluate import evaluate_loader, format_pck, summarise, to_model_input
+from pipeline.evaluate import evaluate_loader, format_pck, headline, summarise, to_model_input, tracked_metrics
 from pipeline.stop import CONVERGED, MAX_EPOCHS, MAX_STEPS, SIGNAL, ConvergenceStop
 from pipeline.targets import cascade_loss, make_targets, swap_flipped
 from pipeline.track import Tracker
@@ -117,6 +117,7 @@ class Trainer:
         if not resumed:
             self.tracker.log_params(flatten(to_dict(cfg)))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
+            self.tracker.log_dict(deepspeed_config(cfg, self.world.size), "deepspeed_config.json")
         self.log(f"run {self.run_name}: {self.world.size} rank(s) on {self.world.device}, "
                  f"{self.train_shards.num_samples} training samples, "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")
@@ -217,17 +218,20 @@ class Trainer:
             return None
         loader = build_loader(self.val_shards, self.cfg.data, self.cfg.train.micro_batch, train=False,
                               rank=self.world.rank, world_size=self.world.size, device_id=self.dali_device)
-        results = evaluate_loader(self.engine.module, loader, self.world.device, self.dtype)
+        results = evaluate_loader(self.engine.module, loader, self.world.device, self.dtype,
+                                  keep_images=8 if self.world.is_main else 0)  # the fixed preview images
         merged = {}
         for part in distributed.gather_objects(results, self.world):
             merged.update(part)
-        metrics = summarise(merged)
+        metrics = summarise(merged, self.val_shards) if self.world.is_main else None
         if self.world.is_main:
             if len(merged) != self.val_shards.num_samples:
                 self.log(f"warning: evaluated {len(merged)} of {self.val_shards.num_samples} validation samples")
             self.log(format_pck(metrics, self.val_shards.joints))
-            per_joint = {f"pck/{n}": v for n, v in zip(self.val_shards.joints, metrics["per_joint"])}
-            self.tracker.log_metrics({"pck": metrics["pck"], **per_joint}, self.step)
+            self.tracker.log_metrics(tracked_metrics(metrics, self.val_shards.joints), self.step)
+            from pipeline.plots import prediction_grid
+
+            self.tracker.log_image(prediction_grid(merged), f"predictions/step_{self.step:06d}.png")
         return metrics
 
     def save_checkpoint(self) -> Path:
@@ -259,8 +263,14 @@ class Trainer:
         metrics = self.evaluate()
         if self.world.is_main:
             if metrics:
-                self.tracker.log_metrics({"final/pck": metrics["pck"]}, self.step)
+                self.tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, self.step)
             self.tracker.log_artifact(self.run_dir / "train.log")
+            self.tracker.log_loss_curves()
+            if weights:
+                from pipeline.weights import load_trained
+
+                model, _, meta = load_trained(weights)
+                self.tracker.log_model(model, self.cfg.data.input_size, meta["joints"], meta["flip_pairs"])
             summary = summarise_run(self.run_dir, metrics, checkpoint, weights, reason, self.step,
                                     self.tracker.run_id, self.tracker.ui_command(), seconds)
             print(summary, flush=True)
@@ -285,7 +295,7 @@ class Trainer:
 def summarise_run(run_dir: Path, metrics: dict | None, checkpoint: Path, weights: Path | None, reason: str,
                   step: int, run_id: str | None, ui_command: str, seconds: float) -> str:
     """The lines a run ends with; also kept in runs/NAME/summary.txt so launchers can repeat them."""
-    lines = [f"PCK@0.2 = {100 * metrics['pck']:.1f}"] if metrics else []
+    lines = [headline(metrics)] if metrics else []
     lines += [f"stopped at step {step} ({reason}) after {seconds:.0f} s of training",
               f"checkpoint: {checkpoint}", f"weights:    {weights}", f"run dir:    {run_dir}",
               f"MLflow run {run_id}; look at it with:", f"  {ui_command}"]
