@@ -1,0 +1,223 @@
+"""MLflow for real: a tiny training run logging over HTTP to a real `mlflow server` (tests/mlflow_server.py),
+read back with MlflowClient; a run whose server is killed half-way; the default local store; `mshg runs`."""
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.cli import main as mshg
+from tests.conftest import REPO, SAMPLE, tiny_config
+from tests.mlflow_server import MlflowServer, free_port
+
+STAGES = [f"loss/stage_{i}" for i in range(1, 9)]
+LSP_JOINTS = ["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
+              "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top"]
+WARNING = "UserWarning: MLflow "  # the tracker's one warning (MLflow's own logger may add lines)
+
+
+def train_env(uri: str) -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO),
+                MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", OMP_NUM_THREADS="1",
+                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+
+def train_cmd(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "--config", str(cfg)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tracked_run(server, lspet_shards, tmp_path_factory):
+    """6 steps, an evaluation every 3 (steps 3 and 6), logged over HTTP."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3}, stop={"max_steps": 6})
+    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=train_env(server.uri), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
+                              filter_string="attributes.run_name = 'tracked-run'")
+    assert len(runs) == 1
+    return client, runs[0], tmp, proc
+
+
+def artifact_paths(client, run_id, path=None) -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def open_png(client, run_id, path, tmp: Path) -> Image.Image:
+    local = client.download_artifacts(run_id, path, str(tmp))
+    data = Path(local).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_run_over_http_has_names_tags_steps_and_system_metrics(tracked_run):
+    client, run, tmp, proc = tracked_run
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["dataset"] == "lspet" and tags["config"] == "tiny"
+    assert tags["zero_stage"] == "2" and tags["world_size"] == "1"
+    assert tags["stop_reason"] == "max_steps" and tags["stopped_at_step"] == "6"
+    commit = tags["git_commit"]
+    assert len(commit) == 40 and tags["mlflow.source.git.commit"] == commit
+    # the commit the code ran from: HEAD then, so HEAD or an ancestor of it now (others may commit meanwhile)
+    assert subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", commit, "HEAD"]).returncode == 0
+    assert tags["git_dirty"] in ("true", "false")
+    for key in STAGES + ["loss/total", "loss/smoothed", "lr", "images_per_s", "data_wait_fraction"]:
+        assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2, 3, 4, 5, 6], key
+    wait = [m.value for m in client.get_metric_history(rid, "data_wait_fraction")]
+    assert all(0.0 <= w <= 1.0 for w in wait)
+    # per evaluation (steps 3 and 6): the dataset's metric and every joint
+    assert [m.step for m in client.get_metric_history(rid, "pck")] == [3, 6]
+    for joint in LSP_JOINTS:
+        assert [m.step for m in client.get_metric_history(rid, f"pck/{joint}")] == [3, 6], joint
+    assert 0.0 <= run.data.metrics["final/pck"] <= 1.0
+    # MLflow's own system metrics, sampled every second by its monitor thread
+    cpu = client.get_metric_history(rid, "system/cpu_utilization_percentage")
+    assert cpu and all(0.0 <= m.value <= 100.0 * os.cpu_count() for m in cpu)
+    assert client.get_metric_history(rid, "system/system_memory_usage_megabytes")
+    assert run.data.params["train.micro_batch"] == "4"
+
+
+def test_run_artifacts_exist_and_open(tracked_run, tmp_path):
+    client, run, _, _ = tracked_run
+    rid = run.info.run_id
+    paths = artifact_paths(client, rid)
+    for expected in ["config.yaml", "deepspeed_config.json", "train.log", "plots/stage_losses.png",
+                     "predictions/step_000003.png", "predictions/step_000006.png", "onnx/model.onnx"]:
+        assert expected in paths, (expected, paths)
+    ds = json.loads(Path(client.download_artifacts(rid, "deepspeed_config.json", str(tmp_path))).read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 4
+    curves = open_png(client, rid, "plots/stage_losses.png", tmp_path)
+    assert curves.size[0] >= 600 and curves.size[1] >= 400
+    grid = np.asarray(open_png(client, rid, "predictions/step_000006.png", tmp_path).convert("RGB"))
+    assert grid.shape[0] >= 192 and grid.shape[1] >= 192
+    # skeletons are drawn: the prediction colour (red) and the ground-truth colour (green) are there
+    red = (grid[..., 0] > 200) & (grid[..., 1] < 110) & (grid[..., 2] < 90)
+    green = (grid[..., 1] > 180) & (grid[..., 0] < 90) & (grid[..., 2] < 90)
+    assert red.sum() > 50 and green.sum() > 50
+
+
+def test_logged_model_and_onnx_reproduce_the_run_weights(tracked_run, tmp_path):
+    import mlflow
+    import onnxruntime as ort
+
+    from pipeline.weights import load_trained
+
+    client, run, tmp, _ = tracked_run
+    model, cfg, meta = load_trained(tmp / "runs" / "tracked-run")
+    x = torch.randn(2, 3, cfg.data.input_size, cfg.data.input_size)
+    with torch.no_grad():
+        expected = model(x)[-1].numpy()
+    logged = client.search_logged_models([run.info.experiment_id])
+    assert [m.source_run_id for m in logged if m.name == "model"] == [run.info.run_id]
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        loaded = mlflow.pytorch.load_model(logged[0].model_uri)
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded(x).numpy(), expected, atol=1e-5)
+    finally:
+        mlflow.set_tracking_uri(None)
+    onnx_file = client.download_artifacts(run.info.run_id, "onnx/model.onnx", str(tmp_path))
+    session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["joints"]) == meta["joints"]
+
+
+def test_mshg_runs_prints_the_run_with_params_and_final_metric(tracked_run, capsys):
+    client, run, _, _ = tracked_run
+    assert mshg(["runs", "--tracking-uri", client.tracking_uri]) == 0
+    out = capsys.readouterr().out
+    header, row = out.splitlines()[0], next(line for line in out.splitlines() if line.startswith("tracked-run"))
+    for column in ["run", "status", "dataset", "config", "zero", "ranks", "steps", "stop", "loss", "final", "commit"]:
+        assert column in header.split()
+    assert "FINISHED" in row and "lspet" in row and "max_steps" in row
+    assert f"pck {100 * run.data.metrics['final/pck']:.1f}" in row
+    assert run.data.tags["git_commit"][:8] in row
+    assert "mlflow" not in row  # the UI hint is a separate line
+    assert client.tracking_uri in out
+
+
+def test_training_survives_the_server_going_away(lspet_shards, tmp_path):
+    """The server is killed after step 1: the run trains to its end, warns once, exits 0, and the
+    dead server costs seconds (capped retries), not minutes."""
+    doomed = MlflowServer(tmp_path / "doomed").start()
+    try:
+        cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "orphan", "eval_every": 3},
+                          stop={"max_steps": 8})
+        proc = subprocess.Popen(train_cmd(cfg), cwd=tmp_path, env=train_env(doomed.uri), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        stderr = []
+        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+        lines, killed_at = [], None
+        for line in proc.stdout:
+            lines.append(line)
+            if killed_at is None and " step     1 " in line:
+                doomed.stop()
+                killed_at = time.monotonic()
+        proc.wait(timeout=300)
+    finally:
+        doomed.stop()
+    stdout, err = "".join(lines), "".join(stderr)
+    assert killed_at is not None, stdout[-2000:] + err[-2000:]
+    assert proc.returncode == 0, stdout[-3000:] + err[-3000:]
+    assert "stopping at step 8: max_steps" in stdout  # the steps after the kill were trained
+    assert (tmp_path / "runs" / "orphan" / "model.safetensors").is_file()
+    assert err.count(WARNING) == 1, err[-3000:]
+    assert time.monotonic() - killed_at < 90
+
+
+def test_default_local_store_and_no_server_at_start(tmp_path):
+    """No MLFLOW_TRACKING_URI: sqlite:///mlflow.db in the working directory. A server that is not
+    there at the start: one warning, nothing raised, quickly."""
+    code = """if True:
+        import sys, numpy as np
+        from pipeline.track import Tracker
+        t = Tracker(True, run_name="local", tags={"dataset": "lspet"}, system_metrics=False)
+        t.log_metrics({"loss/stage_1": 1.0, "loss/stage_2": 0.5}, 1)
+        t.log_metrics({"loss/stage_1": 0.8, "loss/stage_2": 0.4}, 2)
+        t.log_image(np.zeros((8, 8, 3), np.uint8), "predictions/x.png")
+        t.log_loss_curves()
+        t.finish()
+        print("RUN", t.run_id, t.tracking_uri)
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").is_file()
+    run_id = out.stdout.split("RUN ")[1].split()[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.value for m in client.get_metric_history(run_id, "loss/stage_1")] == [1.0, 0.8]
+    assert {"predictions/x.png", "plots/stage_losses.png"} <= set(artifact_paths(client, run_id))
+
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count(WARNING) == 1 and "RUN None" in out.stdout
+    assert time.monotonic() - t0 < 60
