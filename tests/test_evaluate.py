@@ -174,3 +174,32 @@ def test_coco_ap_through_the_dali_validation_crop(coco_shards):
     assert m["value"] == pytest.approx(1.0, abs=1e-6)
     assert headline(m) == "COCO AP = 100.0"
     assert set(tracked_metrics(m, coco_shards.joints)) >= {"coco/AP", "coco/AP50", "coco/AR"}
+
+
+def test_pckh_equals_the_official_array_formulation_on_random_data():
+    """The official evaluation (MATLAB evalMPII, and its NumPy port in HRNet/stacked-hourglass code)
+    works on (J, 2, N) arrays with headboxes_src (2, 2, N) as corners: per-joint PCKh =
+    sum(visible & err / (0.6 * ||corner2 - corner1||) <= 0.5) / count, and the mean masks joints 6:8
+    and weights the others by count. Written here in that layout, independently of `pckh`."""
+    rng = np.random.default_rng(1)
+    n = 300
+    gt = np.concatenate([rng.uniform(0, 500, (n, 16, 2)), (rng.random((n, 16, 1)) > 0.2)], -1).astype(float)
+    pred = gt.copy()
+    pred[..., :2] += rng.normal(scale=12.0, size=(n, 16, 2))
+    corner1 = rng.uniform(0, 400, (n, 2))
+    heads = np.concatenate([corner1, rng.uniform(10, 60, (n, 2))], 1)  # x0, y0, w, h
+    # the official layout
+    pos_pred, pos_gt = pred[..., :2].transpose(1, 2, 0), gt[..., :2].transpose(1, 2, 0)  # (16, 2, N)
+    visible = gt[..., 2].T  # (16, N)
+    headboxes = np.stack([corner1, corner1 + heads[:, 2:]]).transpose(0, 2, 1)  # (2, 2, N)
+    headsizes = 0.6 * np.linalg.norm(headboxes[1] - headboxes[0], axis=0)
+    scaled = np.linalg.norm(pos_pred - pos_gt, axis=1) / headsizes * visible
+    count = visible.sum(1)
+    official = 100.0 * ((scaled <= 0.5) * visible).sum(1) / count
+    keep = np.ones(16, bool)
+    keep[6:8] = False
+    official_mean = (official[keep] * count[keep] / count[keep].sum()).sum()
+    m = pckh(pred, gt, heads)
+    np.testing.assert_allclose(100 * np.array(m["per_joint"]), official, atol=1e-9)
+    assert 100 * m["pckh"] == pytest.approx(official_mean, abs=1e-9)
+    assert 20 < official_mean < 95  # a discriminating case, not all-or-nothing
