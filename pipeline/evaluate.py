@@ -223,11 +223,18 @@ def metric_kind(dataset: str) -> str:
     return {"mpii": "pckh", "coco": "coco"}.get(str(dataset).lower(), "pck")
 
 
+_METADATA_CACHE: dict[tuple, dict[int, dict]] = {}
+
+
 def read_metadata(shards) -> dict[int, dict]:
     """Each sample's JSON metadata of a shard set, by sample id (what DALI does not carry: head
-    box, COCO image id, area, ...), read straight from the tars."""
+    box, COCO image id, area, ...), read straight from the tars (once per process and shard set)."""
+    import os
     import tarfile
 
+    key = tuple((t, os.path.getmtime(t)) for t in shards.tars)
+    if key in _METADATA_CACHE:
+        return _METADATA_CACHE[key]
     metas = {}
     for tar in shards.tars:
         with tarfile.open(tar) as t:
@@ -235,6 +242,7 @@ def read_metadata(shards) -> dict[int, dict]:
                 if member.name.endswith(".json"):
                     meta = json.loads(t.extractfile(member).read())
                     metas[int(meta["idx"])] = meta
+    _METADATA_CACHE[key] = metas
     return metas
 
 

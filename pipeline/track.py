@@ -70,6 +70,7 @@ class Tracker:
             mlflow.set_experiment(experiment)
             if run_id:  # resume: the same run continues its history
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+                self.run_id = run.info.run_id  # _run_tags needs it
                 self._run_tags(tags)
             else:
                 run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
@@ -273,6 +274,9 @@ def format_table(rows: list[dict]) -> str:
 def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | None = None) -> int:
     """`mshg runs`: the table, newest first, and how to see more."""
     uri = tracking_uri or tracking_uri_hint()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        print(f"no MLflow store at {uri} (run from the directory you trained in, or give --tracking-uri)")
+        return 1
     rows = runs_table(experiment, limit, uri)
     if not rows:
         print(f"no runs in experiment {experiment!r} at {uri}")

@@ -221,3 +221,9 @@ def test_default_local_store_and_no_server_at_start(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count(WARNING) == 1 and "RUN None" in out.stdout
     assert time.monotonic() - t0 < 60
+
+
+def test_mshg_runs_without_a_store_says_so_and_creates_nothing(tmp_path, capsys):
+    db = tmp_path / "nothing.db"
+    assert mshg(["runs", "--tracking-uri", f"sqlite:///{db}"]) == 1
+    assert "no MLflow store at" in capsys.readouterr().out and not db.exists()
