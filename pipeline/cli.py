@@ -23,10 +23,11 @@ def cmd_train(args) -> int:
         from datetime import datetime
         from pathlib import Path
 
-        from pipeline.config import load_config
+        from pipeline.config import batch_plan, load_config
         from pipeline.distributed import use_cpu_accelerator_if_no_gpu
 
         cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any rank starts
+        batch_plan(cfg.train, args.ranks)  # and so does a batch that does not split over the ranks
         run_name = cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
         use_cpu_accelerator_if_no_gpu()
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")

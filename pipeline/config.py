@@ -66,20 +66,33 @@ class StopConfig:
 class TrainConfig:
     run_name: str = ""  # default: <config name>-<timestamp>
     out_dir: str = "runs"
+    # Batch math (one place: `batch_plan`): global batch = micro_batch * grad_accum * ranks.
     micro_batch: int = 16  # per rank
     grad_accum: int = 1
-    optimizer: str = "adam"  # adam | rmsprop (the stacked-hourglass reference recipe)
+    global_batch: int = 0  # 0: derived; else grad_accum is derived from it (it must divide exactly)
+    optimizer: str = "adam"  # adam | rmsprop (the stacked-hourglass reference recipe: lr 2.5e-4)
     lr: float = 2.5e-4
     weight_decay: float = 0.0
+    # DeepSpeed's schedulers: constant (WarmupLR), linear (WarmupDecayLR to 0 at stop.max_steps),
+    # cosine (WarmupCosineLR to cos_min_ratio * lr at stop.max_steps); step: warm-up, then the lr
+    # times lr_step_gamma every lr_step_every optimizer steps
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine
-    grad_clip: float = 1.0
-    zero_stage: int = 2
+    lr_schedule: str = "constant"  # constant | linear | cosine | step
+    lr_step_every: int = 0
+    lr_step_gamma: float = 0.1
+    cos_min_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0: no clipping
+    zero_stage: int = 2  # overridden by zero_optimization.stage of the `deepspeed` file, if it has one
+    deepspeed: str = ""  # optional DeepSpeed config file (YAML/JSON) merged over the derived one
     bf16: bool = False
+    fp16: bool = False  # GPUs only (DeepSpeed's dynamic loss scaling)
     log_every: int = 1
     eval_every: int = 0  # steps; 0: evaluate at the end only
-    checkpoint_every: int = 0  # steps; 0: checkpoint at the end only
+    checkpoint_every: int = 0  # steps; 0: checkpoint at the end (and on a signal) only
     keep_checkpoints: int = 2
+    # auto: continue from runs/<run_name>/checkpoints/latest when it exists; never: refuse to start
+    # if the run already has checkpoints; require: refuse to start without one
+    resume: str = "auto"
     experiment: str = "mshg"
 
 
@@ -105,6 +118,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg: Config = OmegaConf.to_object(base)
+    if cfg.train.deepspeed:  # a ZeRO config file names the stage: keep config, params and tags in line
+        stage = (read_deepspeed_file(cfg.train.deepspeed).get("zero_optimization") or {}).get("stage")
+        if stage is not None:
+            cfg.train.zero_stage = stage
     validate(cfg)
     return cfg
 
@@ -130,18 +147,86 @@ def validate(cfg: Config) -> None:
     if d.input_size % 8 or d.input_size // max(strides) < m.hg_min_size:
         raise ConfigError(f"data.input_size={d.input_size} must be a multiple of 8 and leave at least "
                           f"model.hg_min_size={m.hg_min_size} pixels at stride {max(strides)}")
-    if t.micro_batch < 1 or t.grad_accum < 1:
-        raise ConfigError("train.micro_batch and train.grad_accum must be >= 1")
+    if t.micro_batch < 1 or t.grad_accum < 1 or t.global_batch < 0:
+        raise ConfigError("train.micro_batch and train.grad_accum must be >= 1, train.global_batch >= 0")
+    batch_plan(t, 1, check_world=False)
     if t.optimizer not in ("adam", "rmsprop"):
         raise ConfigError(f"train.optimizer must be adam or rmsprop; got {t.optimizer!r}")
-    if t.lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"train.lr_schedule must be constant or cosine; got {t.lr_schedule!r}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {t.lr_schedule!r}")
+    if t.lr_schedule == "step" and t.lr_step_every < 1:
+        raise ConfigError("train.lr_schedule=step needs train.lr_step_every >= 1 (optimizer steps)")
+    if t.warmup_steps < 0 or t.lr <= 0:
+        raise ConfigError("train.warmup_steps must be >= 0 and train.lr > 0")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0-3; got {t.zero_stage}")
+    if t.bf16 and t.fp16:
+        raise ConfigError("train.bf16 and train.fp16 are exclusive: pick one")
+    if t.resume not in RESUME_MODES:
+        raise ConfigError(f"train.resume must be one of {', '.join(RESUME_MODES)}; got {t.resume!r}")
+    if t.keep_checkpoints < 1 or t.checkpoint_every < 0:
+        raise ConfigError("train.keep_checkpoints must be >= 1 and train.checkpoint_every >= 0")
     if s.max_steps < 1:
         raise ConfigError("stop.max_steps must be >= 1")
     if s.window < 1 or not 0 <= s.smoothing < 1:
         raise ConfigError("stop.window must be >= 1 and stop.smoothing in [0, 1)")
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine", "step")
+RESUME_MODES = ("auto", "never", "require")
+# DeepSpeed keys that are derived from train.* and may not come from a `train.deepspeed` file
+DERIVED_DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                          "optimizer", "scheduler", "gradient_clipping")
+
+
+def batch_plan(t: TrainConfig, world_size: int, check_world: bool = True) -> tuple[int, int, int]:
+    """(global batch, micro batch per rank, accumulation steps): the one place the batch rule
+    `global = micro_batch * grad_accum * world_size` is applied. A combination that does not add up
+    is a ConfigError that names the numbers (raised before any rank starts work)."""
+    if not check_world:  # what can be checked without knowing the number of ranks
+        if t.global_batch and t.global_batch % t.micro_batch:
+            raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of "
+                              f"train.micro_batch={t.micro_batch}")
+        return t.global_batch, t.micro_batch, t.grad_accum
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1; got {world_size}")
+    per_pass = t.micro_batch * world_size
+    if not t.global_batch:
+        return per_pass * t.grad_accum, t.micro_batch, t.grad_accum
+    if t.global_batch % per_pass:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} cannot be split into train.micro_batch={t.micro_batch} x "
+            f"{world_size} rank(s) x whole accumulation steps ({t.global_batch} is not a multiple of {per_pass}); "
+            f"change train.global_batch, train.micro_batch or the number of ranks")
+    accum = t.global_batch // per_pass
+    if t.grad_accum not in (1, accum):
+        raise ConfigError(f"train.global_batch={t.global_batch} = train.micro_batch={t.micro_batch} x {world_size} "
+                          f"rank(s) x {accum} accumulation steps, but train.grad_accum={t.grad_accum}: "
+                          f"set only one of train.global_batch and train.grad_accum")
+    return t.global_batch, t.micro_batch, accum
+
+
+def read_deepspeed_file(path: str | Path) -> dict:
+    """A DeepSpeed config fragment (YAML or JSON, e.g. configs/deepspeed/zero3.yaml), checked."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"train.deepspeed: file not found: {p}")
+    try:
+        ds = yaml.safe_load(p.read_text()) or {}  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise ConfigError(f"train.deepspeed: {p}: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {p} must hold a mapping of DeepSpeed settings")
+    bad = [k for k in DERIVED_DEEPSPEED_KEYS if k in ds]
+    if bad:
+        raise ConfigError(f"train.deepspeed: {p} sets {', '.join(bad)}: these come from train.* "
+                          f"(micro_batch, grad_accum, global_batch, optimizer, lr_schedule, grad_clip)")
+    stage = (ds.get("zero_optimization") or {}).get("stage")
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed: {p}: zero_optimization.stage must be 0-3; got {stage}")
+    return ds
 
 
 def to_dict(cfg: Config) -> dict:

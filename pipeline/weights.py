@@ -56,3 +56,30 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     model.load_state_dict(load_file(str(path), device=str(device)))
     model.to(device).eval()
     return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"])}
+
+
+def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """A DeepSpeed checkpoint (any ZeRO stage, any number of ranks) -> fp32 safetensors at `out`, with
+    the run's config, joints and flip pairs (from the tag's meta.json) as metadata: the file that
+    `mshg evaluate/predict` load. `checkpoint`: runs/NAME, runs/NAME/checkpoints (its `latest`), or
+    runs/NAME/checkpoints/TAG. Weights only, BatchNorm running statistics included (DeepSpeed saves
+    the buffers with the module; zero_to_fp32 puts them back); every key of the model must be there.
+    DeepSpeed's files are pickles: export only checkpoints you (or your cluster) wrote."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.checkpoint import META, resolve_checkpoint
+    from pipeline.model import build_model
+
+    directory, tag = resolve_checkpoint(checkpoint)
+    meta_path = directory / tag / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing (a checkpoint written by pipeline.train has it)")
+    meta = json.loads(meta_path.read_text())
+    cfg = config_from_yaml(meta["config"], source=str(meta_path))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    expected = build_model(cfg.model, len(meta["joints"]), cfg.data.input_size).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{directory / tag}: does not match the model of its config "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return save_weights(state, out, cfg, meta["joints"], meta["flip_pairs"])

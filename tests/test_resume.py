@@ -1,0 +1,203 @@
+"""Exact resume, signals and atomic checkpoints, with real training processes (DeepSpeed ZeRO-2 on the
+CPU, DALI, a real MLflow store).
+
+The reference is one uninterrupted run of N steps. The same config interrupted at step k and resumed
+must give the same MLflow run with one continuous loss history equal to the reference's, value for
+value, and bit-identical final weights (one process on the CPU is deterministic; measured: max
+difference 0.0). The tiny config has 6 batches per epoch, so the runs cross an epoch boundary and a
+resume lands inside epoch 0 (signal) and inside epoch 1 (max_steps).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, tiny_config
+
+N = 9  # steps of the reference run
+EXIT_REQUEUE = 75
+METRICS = ["loss/total", "loss/smoothed", "lr", "loss/stage_1", "loss/stage_8"]
+
+
+def env_for(tmp: Path) -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
+                PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+
+def config(tmp: Path, shards, **train) -> Path:
+    # micro_batch 8 on 48 samples: 6 batches per epoch
+    return tiny_config(tmp, shards, train={"micro_batch": 8, "run_name": "r", **train}, stop={"max_steps": N})
+
+
+def train(tmp: Path, cfg: Path, *overrides: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), *overrides]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env_for(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def history(tmp: Path, name: str = "r") -> tuple[dict[str, list], object]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    runs = client.search_runs(client.get_experiment_by_name("mshg").experiment_id,
+                              filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}: a resume must continue the same run"
+    run = runs[0]
+    curves = {}
+    for key in METRICS:
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        curves[key] = [(m.step, m.value) for m in points]
+    return curves, run
+
+
+def weights(tmp: Path, name: str = "r") -> dict[str, torch.Tensor]:
+    return load_file(str(tmp / "runs" / name / "model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(lspet_shards, tmp_path_factory):
+    """The uninterrupted run, started in the background (the tests run their own processes beside it)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db").search_experiments()  # create the store first
+    proc = train(tmp, config(tmp, lspet_shards), wait=False)
+    result = {}
+
+    def get():
+        if not result:
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out[-4000:]
+            curves, run = history(tmp)
+            assert [s for s, _ in curves["loss/total"]] == list(range(1, N + 1))
+            result.update(curves=curves, weights=weights(tmp), run=run)
+        return result
+
+    yield get
+    if proc.poll() is None:
+        proc.kill()
+
+
+def assert_same_as_reference(tmp: Path, ref: dict) -> float:
+    curves, run = history(tmp)
+    assert run.info.status == "FINISHED"
+    for key in METRICS:
+        steps = [s for s, _ in curves[key]]
+        assert steps == list(range(1, N + 1)), f"{key}: steps {steps}: not one continuous history"
+        assert curves[key] == ref["curves"][key], key  # exact, value for value
+    diff = max_difference(weights(tmp), ref["weights"])
+    assert diff == 0.0, f"final weights differ by up to {diff}"
+    return diff
+
+
+def test_stop_at_k_then_resume_matches_uninterrupted_run(lspet_shards, tmp_path, reference):
+    cfg = config(tmp_path, lspet_shards)
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
+    code, out = train(tmp_path, cfg, "stop.max_steps=7")  # step 7 = epoch 1, second batch
+    assert code == 0, out[-4000:]
+    assert (tmp_path / "runs" / "r" / "checkpoints" / "latest").read_text() == "step00000007"
+    # a new run under an existing name is refused before any work
+    code, out = train(tmp_path, cfg, "train.resume=never")
+    assert code == 2 and "train.resume=never, but" in out, out[-2000:]
+
+    code, out = train(tmp_path, cfg, "train.resume=require")
+    assert code == 0, out[-4000:]
+    assert "resumed at step 7" in out
+    assert "epoch 1: skipped the 1 batches already trained on" in out
+    print(f"max_steps resume: max weight difference {assert_same_as_reference(tmp_path, reference())}")
+
+
+def test_sigusr1_mid_run_checkpoints_exits_75_and_resumes_exactly(lspet_shards, tmp_path, reference):
+    """SIGUSR1 after step 1, then SIGTERMs every 20 ms until the process is gone (signals while
+    it saves): exit 75 with a complete checkpoint, and the resumed run equals the reference."""
+    cfg = config(tmp_path, lspet_shards)
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
+    proc = train(tmp_path, cfg, wait=False)
+    lines: list[str] = []
+    step1 = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"step +1 epoch 0", line):
+                step1.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert step1.wait(300), "".join(lines)[-4000:]
+    proc.send_signal(signal.SIGUSR1)
+    extra = 0
+    while proc.poll() is None:
+        time.sleep(0.02)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            extra += 1
+        except ProcessLookupError:
+            break
+    proc.wait(60)
+    reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == EXIT_REQUEUE, out[-4000:]
+    assert extra > 0
+    k = int((tmp_path / "runs" / "r" / "checkpoints" / "latest").read_text()[4:])
+    assert 1 <= k < N, k
+    seconds = float(re.search(r"checkpoint step\d+ written ([\d.]+) s after SIGUSR1", out).group(1))
+    _, run = history(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "signal"
+
+    code, out = train(tmp_path, cfg)
+    assert code == 0, out[-4000:]
+    assert f"resumed at step {k}" in out
+    diff = assert_same_as_reference(tmp_path, reference())
+    print(f"signal at step {k}: checkpoint written {seconds:.2f} s after SIGUSR1 ({extra} more signals "
+          f"while stopping); resumed run: max weight difference {diff}")
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(lspet_shards, tmp_path):
+    """SIGKILL the trainer the moment a checkpoint folder is being written (checkpoint every step):
+    `latest` still names a complete checkpoint, a new run resumes from it, the leftover is removed,
+    and only the last 2 checkpoints are kept."""
+    cfg = config(tmp_path, lspet_shards, checkpoint_every=1, keep_checkpoints=2)
+    ckpts = tmp_path / "runs" / "r" / "checkpoints"
+    proc = train(tmp_path, cfg, "stop.max_steps=200", wait=False)
+    deadline = time.monotonic() + 300
+    partial = None
+    try:
+        while partial is None and time.monotonic() < deadline and proc.poll() is None:
+            if ckpts.is_dir():
+                partial = next((p.name for p in os.scandir(ckpts) if p.name.startswith(".partial-step")
+                                and (ckpts / "latest").exists()), None)
+            if partial is None:
+                time.sleep(0.002)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert partial, "never saw a checkpoint being written"
+    latest = (ckpts / "latest").read_text()
+    assert (ckpts / latest / "meta.json").is_file() and list((ckpts / latest).glob("*model_states.pt"))
+    assert int(latest[4:]) < int(partial[len(".partial-step"):])  # the one being written is not `latest`
+
+    k = int(latest[4:])
+    code, out = train(tmp_path, cfg, f"stop.max_steps={k + 2}")
+    assert code == 0, out[-4000:]
+    assert f"resumed at step {k}" in out
+    assert not list(ckpts.glob(".partial-*"))
+    assert sorted(p.name for p in ckpts.glob("step*")) == [f"step{k + 1:08d}", f"step{k + 2:08d}"]
+    assert (ckpts / "latest").read_text() == f"step{k + 2:08d}"
