@@ -363,6 +363,7 @@ class Trainer:
         self.tracker.flush()
         if reason == SIGNAL:  # preempted: the checkpoint is all that matters now
             self.tracker.finish("KILLED")
+            self.barrier()
             return EXIT_REQUEUE
         weights = self.export_weights(checkpoint)
         metrics = self.evaluate()
@@ -380,7 +381,14 @@ class Trainer:
                                     self.tracker.run_id, self.tracker.ui_command(), seconds)
             print(summary, flush=True)
         self.tracker.finish()
+        self.barrier()
         return 0
+
+    def barrier(self) -> None:
+        """All ranks end together: srun (--wait) and the deepspeed launcher end the others soon after
+        the first rank exits, and rank 0 may still be exporting, evaluating or logging the model."""
+        if self.world.size > 1:
+            torch.distributed.barrier()
 
     def install_signal_handlers(self) -> None:
         def request_stop(signum, frame):

@@ -1,10 +1,12 @@
 """Real SLURM (munged, slurmctld, slurmd on localhost; see tests/slurm_cluster.py).
 
-The launch-script tests run launch/slurm/train_cpu.sbatch unchanged, with MSHG_ENTRY pointing at
-a stand-in for pipeline.train (FAKE_TRAINER below) that keeps the trainer's contract: it reads
-the rank variables, and on USR1/TERM writes runs/<run>/checkpoints/latest and exits 75; started
-again with a `latest` present, it resumes and exits 0. The end-to-end tests with the real
-trainer come once pipeline.train exists.
+Two kinds of tests, both on launch/slurm/train_cpu.sbatch unchanged:
+- launch-script tests with MSHG_ENTRY pointing at a stand-in for pipeline.train (FAKE_TRAINER
+  below) that keeps the trainer's contract (rank variables; on USR1/TERM write `latest`, exit 75;
+  resume when `latest` exists): seconds each, and they pin down the script's own behaviour;
+- end-to-end tests with the real trainer (2 DeepSpeed ranks over gloo, DALI, real shards, MLflow
+  in SQLite): a job that completes, a job signalled mid-run that checkpoints, requeues itself and
+  resumes with one continuous MLflow history, and a rank SIGKILLed mid-run.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import slurm  # noqa: F401  (the module-scoped cluster fixture)
+from tests.slurm_cluster import _pids_with_env, slurm  # noqa: F401  (the module-scoped cluster fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_SBATCH = REPO / "launch" / "slurm" / "train_cpu.sbatch"
@@ -187,3 +189,109 @@ def test_dead_rank_ends_job_and_all_its_processes(slurm, workdir):
              Path(f"/proc/{pid0}/stat").read_text().split(")")[-1].split()[0] == "Z", 10,
              f"rank 0 (pid {pid0}) survived its job")
     print(f"dead rank -> job FAILED in {elapsed:.1f} s")
+
+
+# --- end to end, with the real trainer -------------------------------------------------------------
+
+@pytest.fixture
+def real_job(tmp_path: Path, lspet_shards) -> tuple[Path, dict[str, str]]:
+    """A submit directory with a tiny config on real shards, and the env of a real training job."""
+    from tests.conftest import tiny_config
+
+    (tmp_path / "logs").mkdir()
+    # 48 samples, 2 ranks x 4: 6 steps per epoch
+    tiny_config(tmp_path, lspet_shards, train={"out_dir": "runs"})
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # the store, once
+    env = {"MSHG_ROOT": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "PYTHONPATH": str(REPO)}
+    return tmp_path, env
+
+
+def mlflow_history(cwd: Path, run_name: str, key: str = "loss/total"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlflow.db")
+    runs = client.search_runs(client.get_experiment_by_name("mshg").experiment_id,
+                              filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1, f"{len(runs)} MLflow runs named {run_name}"
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
+    return runs[0], steps
+
+
+def job_log(cwd: Path, job: str) -> str:
+    path = cwd / "logs" / f"mshg-cpu-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_real_training_job_completes_with_an_mlflow_run(slurm, real_job):
+    cwd, env = real_job
+    t0 = time.monotonic()
+    job = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", "stop.max_steps=4", env=env, cwd=cwd)
+    info = slurm.wait(job, "COMPLETED", timeout=300)
+    log = job_log(cwd, job)
+    assert info["ExitCode"] == "0:0", log
+    assert f"run slurm-{job}: 2 rank(s) on cpu" in log and "new run" in log, log
+    run, steps = mlflow_history(cwd, f"slurm-{job}")
+    assert run.info.status == "FINISHED"
+    assert steps == [1, 2, 3, 4]
+    assert run.data.tags["world_size"] == "2" and run.data.tags["stop_reason"] == "max_steps"
+    assert (cwd / "runs" / f"slurm-{job}" / "model.safetensors").is_file()
+    print(f"real 2-rank job: submit to COMPLETED {time.monotonic() - t0:.1f} s")
+
+
+def test_real_job_signalled_checkpoints_requeues_and_resumes(slurm, real_job):
+    cwd, env = real_job
+    n = 16
+    t0 = time.monotonic()
+    job = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", f"stop.max_steps={n}", env=env, cwd=cwd)
+    wait_for(lambda: re.search(r"step +1 epoch 0", job_log(cwd, job)), 300, "training did not start")
+    slurm.signal_batch(job, "USR1")
+    slurm.wait(job, {"PENDING", "REQUEUED"}, timeout=120)
+    info = slurm.wait(job, "COMPLETED", timeout=300)
+    log = job_log(cwd, job)
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", log
+    assert "ranks finished with exit code 75" in log and f"requeueing job {job}" in log, log
+    k = int(re.search(r"stopping at step (\d+): signal", log).group(1))
+    assert 1 <= k < n, log
+    assert re.search(rf"checkpoint step{k:08d} written [\d.]+ s after SIGUSR1", log), log
+    assert f"resumed at step {k}" in log, log
+    run, steps = mlflow_history(cwd, f"slurm-{job}")
+    assert run.info.status == "FINISHED"
+    assert steps == list(range(1, n + 1)), steps  # one continuous history across the requeue
+    print(f"real job: signal at step {k} -> requeue -> resumed -> COMPLETED {time.monotonic() - t0:.1f} s")
+
+
+def test_real_job_with_a_killed_rank_fails_and_a_new_job_resumes(slurm, real_job):
+    cwd, env = real_job
+    env = {**env, "MSHG_SRUN_WAIT": "10"}
+    job = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", "stop.max_steps=500", "train.checkpoint_every=2",
+                       env=env, cwd=cwd)
+    ckpts = cwd / "runs" / f"slurm-{job}" / "checkpoints"
+    wait_for(lambda: (ckpts / "latest").exists(), 300, "no checkpoint written")
+
+    def rank1() -> list[int]:
+        pids = set(_pids_with_env("SLURM_JOB_ID", job)) & set(_pids_with_env("SLURM_PROCID", "1"))
+        return [p for p in pids if b"pipeline.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    victims = rank1()
+    assert len(victims) == 1, victims
+    os.kill(victims[0], 9)
+    t_kill = time.monotonic()
+    info = slurm.wait(job, "FAILED", timeout=120)
+    failed_after = time.monotonic() - t_kill
+    assert failed_after < 60, f"the job took {failed_after:.0f} s to fail after a rank died"
+    latest = (ckpts / "latest").read_text()
+    assert (ckpts / latest / "meta.json").is_file(), latest
+    k = int(latest[4:])
+
+    again = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", f"stop.max_steps={k + 2}",
+                         env={**env, "MSHG_RUN_NAME": f"slurm-{job}"}, cwd=cwd)
+    slurm.wait(again, "COMPLETED", timeout=300)
+    log = job_log(cwd, again)
+    assert f"resumed at step {k}" in log, log
+    assert (ckpts / "latest").read_text() == f"step{k + 2:08d}"
+    run, steps = mlflow_history(cwd, f"slurm-{job}")  # the same MLflow run continued
+    assert run.info.status == "FINISHED" and steps[-1] == k + 2
+    print(f"killed rank: job FAILED {failed_after:.1f} s after the kill; new job resumed at step {k}")
