@@ -66,6 +66,11 @@ class Tracker:
         self.client = MlflowClient()
         self._metric = mlflow.entities.Metric
         tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+        if not run_id and "dataset" in tags:  # the run's description in the UI: what to compare it by
+            tags["mlflow.note.content"] = " · ".join(
+                f"{label} {tags[key][:8] if key == 'git_commit' else tags[key]}"
+                for label, key in [("dataset", "dataset"), ("config", "config"), ("ZeRO", "zero_stage"),
+                                   ("ranks", "world_size"), ("commit", "git_commit")] if key in tags)
         try:
             mlflow.set_experiment(experiment)
             if run_id:  # resume: the same run continues its history

@@ -85,6 +85,7 @@ def test_run_over_http_has_names_tags_steps_and_system_metrics(tracked_run):
     # the commit the code ran from: HEAD then, so HEAD or an ancestor of it now (others may commit meanwhile)
     assert subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", commit, "HEAD"]).returncode == 0
     assert tags["git_dirty"] in ("true", "false")
+    assert tags["mlflow.note.content"] == f"dataset lspet · config tiny · ZeRO 2 · ranks 1 · commit {commit[:8]}"
     for key in STAGES + ["loss/total", "loss/smoothed", "lr", "images_per_s", "data_wait_fraction"]:
         assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2, 3, 4, 5, 6], key
     wait = [m.value for m in client.get_metric_history(rid, "data_wait_fraction")]
