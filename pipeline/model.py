@@ -111,15 +111,16 @@ class Stem(nn.Module):
         if 8 in self.strides:
             self.branch["8"] = nn.Sequential(nn.MaxPool2d(2), Residual(channels, channels))
 
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        # string keys ("2", "4", "8"): DeepSpeed ZeRO-3's module hooks read dict outputs by name
         x2 = self.res2(self.conv(x))
         maps = {}
         if "2" in self.branch:
-            maps[2] = self.branch["2"](x2)
+            maps["2"] = self.branch["2"](x2)
         if "4" in self.branch:
-            maps[4] = self.branch["4"](x2)
+            maps["4"] = self.branch["4"](x2)
         if "8" in self.branch:
-            maps[8] = self.branch["8"](maps[4])
+            maps["8"] = self.branch["8"](maps["4"])
         return maps
 
 
@@ -154,7 +155,7 @@ class PoseNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         stem = self.stem(x)
-        x = stem[self.strides[0]]
+        x = stem[str(self.strides[0])]
         outputs = []
         for i, (stride, module) in enumerate(zip(self.strides, self.hg_modules)):
             features, heatmaps = module(x)
@@ -170,7 +171,7 @@ class PoseNet(nn.Module):
                 # peaks at full height), fuse with that stride's stem map
                 k = next_stride // stride
                 features, heatmaps = F.max_pool2d(features, k), F.max_pool2d(heatmaps, k)
-                x = stem[next_stride] + self.merge_features[i](features) + self.merge_heatmaps[i](heatmaps)
+                x = stem[str(next_stride)] + self.merge_features[i](features) + self.merge_heatmaps[i](heatmaps)
         return outputs
 
 
