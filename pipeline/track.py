@@ -16,6 +16,8 @@ See docs/tracking.md.
 from __future__ import annotations
 
 import os
+import sys
+import shutil
 import subprocess
 import tempfile
 import time
@@ -227,7 +229,10 @@ class Tracker:
         uri = self.tracking_uri
         if uri.startswith(("http://", "https://")):
             return f"open {uri} in a browser"
-        return f"mlflow ui --backend-store-uri {uri} --port 5000"
+        # the mlflow next to this interpreter: the venv's, which may not be on the user's PATH
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        exe = str(mlflow_bin) if mlflow_bin.exists() and not shutil.which("mlflow") else "mlflow"
+        return f"{exe} ui --backend-store-uri {uri} --port 5000"
 
 
 def tracking_uri_hint() -> str:
