@@ -118,6 +118,33 @@ def test_lspet_index_equals_wds2idx(lspet_out, tmp_path):
         assert (lspet_out / s["index"]).read_text() == (tmp_path / "ref.idx").read_text()
 
 
+def test_lspet_tar_bytes_equal_tarfile_and_webdataset(lspet_out, tmp_path):
+    """The sharder writes tar headers itself (for speed): the bytes must be exactly what the standard
+    library's tarfile and webdataset's TarWriter write for the same members and fixed metadata."""
+    import webdataset as wds
+
+    shard = manifest(lspet_out)["shards"][0]
+    written = (lspet_out / shard["tar"]).read_bytes()
+    with tarfile.open(lspet_out / shard["tar"]) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert len(members) == 5 * shard["samples"]
+    assert all((m.mode, m.uname, m.gname, m.uid, m.mtime, m.type) == (0o444, "mshg", "mshg", 0, 0, tarfile.REGTYPE)
+               for m, _ in members)
+    by_stdlib = io.BytesIO()
+    with tarfile.open(fileobj=by_stdlib, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    assert by_stdlib.getvalue() == written
+    samples = {}
+    for m, data in members:
+        key, ext = m.name.split(".", 1)
+        samples.setdefault(key, {"__key__": key})[ext] = data
+    with wds.TarWriter(str(tmp_path / "wds.tar"), user="mshg", group="mshg", mode=0o444, mtime=0, encoder=False) as w:
+        for sample in samples.values():
+            w.write(sample)
+    assert (tmp_path / "wds.tar").read_bytes() == written
+
+
 def test_lspet_verify_ok(lspet_out, capsys):
     assert run(capsys, "verify", lspet_out)[0] == 0
 
