@@ -1,18 +1,28 @@
 """What DeepSpeed costs per training step, against plain torch, on the same model and per-rank batch.
 
-    .venv/bin/python bench/distributed_overhead.py [--config configs/msc_hg_cpu.yaml] [--steps 20]
+    DS_ACCELERATOR=cpu .venv/bin/python bench/distributed_overhead.py [--config configs/msc_hg_cpu.yaml]
+        [--rounds 5] [--steps 4] [key=value ...]
 
 Rows: (a) plain torch, one process: forward, the summed 8-module loss, backward, gradient clipping,
-Adam step; (b) the same through a DeepSpeed engine (ZeRO-1/2/3, one process, the trainer's own
-DeepSpeed config); (c) DeepSpeed ZeRO-2 with 2 ranks on this machine (the `deepspeed` launcher, gloo
-on a CPU). Inputs are fixed random images and keypoints made once, so the data pipeline is not
-measured (bench/loader_speed.py does that). Single processes use every core; each of the 2 ranks gets
-its share. (a) runs first and again last: its two medians show how steady the machine was, and their
-mean is the baseline of the ratios. Target: ZeRO-2 single process <= 1.10x plain torch.
+the config's optimizer step; (b) the same through a DeepSpeed engine (ZeRO-1/2/3, one process, the
+trainer's own DeepSpeed config); (c) DeepSpeed ZeRO-2 with 2 ranks on this machine (the `deepspeed`
+launcher, gloo on a CPU). Inputs are fixed random images and keypoints made once, so the data pipeline
+is not measured (bench/loader_speed.py does that). Everything runs in fp32 (DeepSpeed's bf16 casts the
+model, plain torch would need autocast: not the same work).
+
+(a) and (b) are built once and then timed in interleaved rounds (a, ZeRO-1, ZeRO-2, ZeRO-3, a, ...),
+`--steps` steps each per round, so that a machine getting slower or faster during the run moves every
+row alike; the medians over all rounds are compared. Single processes use every core; each of the 2
+ranks gets its share. Target (issue 5): ZeRO-2 single process <= 1.10x plain torch.
+
+DeepSpeed's ZeRO-1/2 cost is mostly per parameter tensor (a Python gradient hook each, ~40 us here),
+so the ratio depends on the model: run it with `--config configs/msc_hg.yaml data.input_size=128
+--batch 4` for the full-width network as well (docs/cluster.md has both).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,6 +34,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def bench_config(args):
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=False, fp16=False))
 
 
 def make_inputs(cfg, model, batch: int, seed: int = 0):
@@ -41,27 +58,18 @@ def make_inputs(cfg, model, batch: int, seed: int = 0):
     return images, heatmaps, weights
 
 
-def time_steps(step, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def plain_torch(cfg, batch: int, steps: int, warmup: int) -> list[float]:
+def plain_torch(cfg, batch: int):
+    """-> one training step of plain torch, as a function."""
     import torch
 
     from pipeline.model import build_model
     from pipeline.targets import cascade_loss
+    from pipeline.train import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg.model, 14, cfg.data.input_size)
     images, heatmaps, weights = make_inputs(cfg, model, batch)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(cfg, model.parameters())
 
     def step():
         loss, _ = cascade_loss(model(images), heatmaps, weights, model.strides)
@@ -70,12 +78,11 @@ def plain_torch(cfg, batch: int, steps: int, warmup: int) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return time_steps(step, steps, warmup)
+    return step
 
 
-def deepspeed_engine(cfg, stage: int, batch: int, steps: int, warmup: int, world_size: int = 1) -> list[float]:
-    import dataclasses
-
+def deepspeed_engine(cfg, stage: int, batch: int, world_size: int = 1):
+    """-> one training step through a DeepSpeed engine with the trainer's DeepSpeed config."""
     import deepspeed
     import torch
 
@@ -96,16 +103,31 @@ def deepspeed_engine(cfg, stage: int, batch: int, steps: int, warmup: int, world
         engine.backward(loss)
         engine.step()
 
-    return time_steps(step, steps, warmup)
+    return step
+
+
+def time_interleaved(steps: dict, rounds: int, per_round: int, warmup: int) -> dict:
+    """{name: step function} -> {name: [seconds per step]}, the rows taking turns round by round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def worker(args) -> None:
     """One rank of the 2-rank measurement (started by the deepspeed launcher)."""
     from pipeline import distributed
-    from pipeline.config import load_config
 
     world = distributed.init()
-    times = deepspeed_engine(load_config(args.config), 2, args.batch, args.steps, args.warmup, world.size)
+    step = deepspeed_engine(bench_config(args), 2, args.batch, world.size)
+    times = time_interleaved({"zero2": step}, args.rounds, args.steps, args.warmup)["zero2"]
     if world.is_main:
         Path(args.worker_out).write_text(json.dumps(times))
 
@@ -114,10 +136,10 @@ def two_ranks(args) -> list[float]:
     out = Path(tempfile.mkdtemp()) / "times.json"
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", "29655", str(Path(__file__).resolve()),
-           "--config", args.config, "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--worker-out", str(out)]
+           "--config", args.config, "--batch", str(args.batch), "--rounds", str(args.rounds),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--worker-out", str(out), *args.overrides]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"2-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -126,8 +148,10 @@ def two_ranks(args) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "configs" / "msc_hg_cpu.yaml"))
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.input_size=128)")
     p.add_argument("--batch", type=int, default=None, help="per-rank batch (default: the config's micro_batch)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per row and round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-two-ranks", action="store_true")
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -135,9 +159,8 @@ def main() -> None:
     args = p.parse_args()
 
     from pipeline import distributed
-    from pipeline.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = bench_config(args)
     args.batch = args.batch or cfg.train.micro_batch
     if args.worker_out:
         return worker(args)
@@ -145,27 +168,34 @@ def main() -> None:
     world = distributed.init()  # a world of one: DeepSpeed needs a process group
     import torch
 
-    print(f"{Path(args.config).name}: input {cfg.data.input_size}, channels {cfg.model.channels}, per-rank batch "
-          f"{args.batch}, {args.steps} timed steps after {args.warmup}; {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} torch threads per single process, device {world.device}", flush=True)
-    rows = [("(a) plain torch", plain_torch(cfg, args.batch, args.steps, args.warmup), 1)]
+    from pipeline.model import build_model, count_parameters
+
+    model = build_model(cfg.model, 14, cfg.data.input_size)
+    print(f"{Path(args.config).name} {' '.join(args.overrides)}: input {cfg.data.input_size}, channels "
+          f"{cfg.model.channels}, {count_parameters(model) / 1e6:.2f} M parameters in "
+          f"{len(list(model.parameters()))} tensors, {cfg.train.optimizer}, fp32, per-rank batch {args.batch}; "
+          f"{args.rounds} rounds x {args.steps} timed steps per row after {args.warmup} warm-up; "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads per single process, device "
+          f"{world.device}", flush=True)
+    steps = {"(a) plain torch": plain_torch(cfg, args.batch)}
     for stage in (1, 2, 3):
-        rows.append((f"(b) DeepSpeed ZeRO-{stage}, 1 process",
-                     deepspeed_engine(cfg, stage, args.batch, args.steps, args.warmup), 1))
-    rows.append(("(a) plain torch, again", plain_torch(cfg, args.batch, args.steps, args.warmup), 1))
+        steps[f"(b) DeepSpeed ZeRO-{stage}, 1 process"] = deepspeed_engine(cfg, stage, args.batch)
+    rows = [(name, times, 1) for name, times in time_interleaved(steps, args.rounds, args.steps, args.warmup).items()]
     if not args.no_two_ranks:
         rows.append(("(c) DeepSpeed ZeRO-2, 2 ranks", two_ranks(args), 2))
 
-    base = statistics.mean([statistics.median(rows[0][1]), statistics.median(rows[4][1])])
+    base = statistics.median(rows[0][1])
     print(f"\n{'':36s} {'median s/step':>13s} {'vs (a)':>7s} {'images/s':>9s}")
     for name, times, ranks in rows:
         med = statistics.median(times)
         print(f"{name:36s} {med:13.3f} {med / base:6.2f}x {ranks * args.batch / med:9.1f}")
+    zero2 = statistics.median(rows[2][1])
+    print(f"\nZeRO-2 single process: {zero2 / base:.2f}x plain torch (target <= 1.10x)")
     if not args.no_two_ranks:
         two = statistics.median(rows[-1][1])
-        one = statistics.median(rows[2][1])
-        print(f"\n2 ranks vs 1 process (ZeRO-2): {2 * args.batch / two / (args.batch / one):.2f}x the images/s "
+        print(f"2 ranks vs 1 process (ZeRO-2): {2 * args.batch / two / (args.batch / zero2):.2f}x the images/s "
               f"on {os.cpu_count()} cores")
+    print(f"load average now: {os.getloadavg()[0]:.1f} (other work on the machine skews every row)")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,17 @@ from pipeline.config import Config, ModelConfig, load_config
 
 class Residual(nn.Module):
     """Pre-activation bottleneck (BN-ReLU-conv 1x1, 3x3, 1x1 at half width), as in Newell's
-    hourglass. The skip is the identity, or a 1x1 conv when the channel count changes."""
+    hourglass. The skip is the identity, or a 1x1 conv when the channel count changes. Convs that
+    feed a BatchNorm have no bias (the BN's shift replaces it): fewer parameter tensors, which is
+    what DeepSpeed's per-tensor gradient hooks cost (docs/cluster.md)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
         mid = max(out_ch // 2, 1)
         self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, mid, 1)
+        self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1)
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, out_ch, 1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -83,7 +85,7 @@ class HourglassModule(nn.Module):
         super().__init__()
         self.hourglass = Hourglass(depth, channels)
         self.residual = Residual(channels, channels)
-        self.features = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
         self.heatmaps = nn.Conv2d(channels, num_joints, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,7 +103,7 @@ class Stem(nn.Module):
         super().__init__()
         c4, c2 = max(channels // 4, 1), max(channels // 2, 1)
         self.strides = sorted(set(strides))
-        self.conv = nn.Sequential(nn.Conv2d(3, c4, 7, stride=2, padding=3), nn.BatchNorm2d(c4), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(3, c4, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(c4), nn.ReLU())
         self.res2 = Residual(c4, c2)  # shared trunk at /2
         self.branch = nn.ModuleDict()
         if 2 in self.strides:
@@ -149,9 +151,9 @@ class PoseNet(nn.Module):
                                  f"down to hg_min_size={hg_min_size}")
             self.hg_modules.append(HourglassModule(depth, channels, num_joints))
         # merge convs map module i's (features, heatmaps) into module i+1's input; the last module
-        # has none (they would be unused parameters)
+        # has none (they would be unused parameters); the two are summed, so one bias serves both
         self.merge_features = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in self.strides[:-1])
-        self.merge_heatmaps = nn.ModuleList(nn.Conv2d(num_joints, channels, 1) for _ in self.strides[:-1])
+        self.merge_heatmaps = nn.ModuleList(nn.Conv2d(num_joints, channels, 1, bias=False) for _ in self.strides[:-1])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         stem = self.stem(x)

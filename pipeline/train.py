@@ -50,6 +50,8 @@ def _merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """DeepSpeed's JSON config, derived from ours (batch sizes from `batch_plan`, the one place of the
     batch rule), with the optional `train.deepspeed` file (e.g. configs/deepspeed/zero3.yaml) merged over."""
+    from deepspeed.accelerator import get_accelerator
+
     t = cfg.train
     global_batch, micro, accum = batch_plan(t, world_size)
     ds = {
@@ -57,7 +59,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        # contiguous_gradients copies each gradient into one flat buffer as it arrives, against memory
+        # fragmentation on GPUs; on a CPU it is only a copy per parameter tensor in DeepSpeed's Python
+        # hook: ~5% of a demo step (bench/distributed_overhead.py, docs/cluster.md)
+        "zero_optimization": {"stage": t.zero_stage,
+                              "contiguous_gradients": get_accelerator().device_name() != "cpu"},
         "zero_allow_untested_optimizer": True,  # our torch optimizer (RMSprop/Adam) under ZeRO
         "steps_per_print": 10**9,
     }
