@@ -56,6 +56,7 @@ class Tracker:
         self.run_id: str | None = None
         self._pending: list = []
         self._failed = False
+        self._logged_until: dict[str, int] = {}  # metric -> last step already in the store (resumed runs)
         if not enabled:
             return
         import mlflow
@@ -79,6 +80,7 @@ class Tracker:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
                 self.run_id = run.info.run_id  # _run_tags needs it
                 self._run_tags(tags)
+                self._logged_until = self._last_logged_steps(run)
             else:
                 run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
         except Exception as e:  # no store at the start: train anyway, untracked
@@ -86,6 +88,13 @@ class Tracker:
             warnings.warn(f"MLflow start_run failed ({type(e).__name__}: {e}); training continues without tracking")
             return
         self.run_id = run.info.run_id
+
+    def _last_logged_steps(self, run) -> dict[str, int]:
+        """After a crash the steps since the last checkpoint are trained again (exact resume: to the
+        same values); the first attempt already logged them, so log_metrics skips them and the run
+        keeps one value per step. MLflow's own system metrics are not ours and are left alone."""
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+                for key in run.data.metrics if not key.startswith("system/")}
 
     def _run_tags(self, tags: dict) -> None:
         self._guard("set_tags", self.client.log_batch, self.run_id,
@@ -117,7 +126,8 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
             now = int(time.time() * 1000)
-            self._pending += [self._metric(k, float(v), now, step) for k, v in metrics.items()]
+            self._pending += [self._metric(k, float(v), now, step) for k, v in metrics.items()
+                              if step > self._logged_until.get(k, -1)]
             if len(self._pending) >= 500:
                 self.flush()
 

@@ -349,7 +349,9 @@ class Trainer:
         meta = {"step": self.step, "epoch": self.epoch, "world_size": self.world.size,
                 "zero_stage": self.cfg.train.zero_stage, "config": (self.run_dir / "config.yaml").read_text(),
                 "joints": self.train_shards.joints, "flip_pairs": self.train_shards.flip_pairs}
-        return self.checkpointer.save(self.engine, self.step, self.state_dict(), meta if self.world.is_main else None)
+        saved = self.checkpointer.save(self.engine, self.step, self.state_dict(), meta if self.world.is_main else None)
+        self.tracker.flush()  # the store then holds at least every step up to the checkpoint
+        return saved
 
     def export_weights(self, checkpoint: Path) -> Path | None:
         """fp32 weights of the final checkpoint (any ZeRO stage) -> runs/NAME/model.safetensors."""

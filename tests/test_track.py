@@ -190,6 +190,42 @@ def test_training_survives_the_server_going_away(lspet_shards, tmp_path):
     assert time.monotonic() - killed_at < 90
 
 
+def test_resume_after_a_crash_keeps_one_value_per_step(tmp_path):
+    """A run that crashed after logging step 10 but whose last checkpoint is step 5 trains steps 6-10
+    again when resumed: the store keeps the first attempt's values for them, nothing twice."""
+    first = """if True:
+        import os
+        from pipeline.track import Tracker
+        t = Tracker(True, run_name="crashy", system_metrics=False)
+        for step in range(1, 11):
+            t.log_metrics({"loss/total": float(step), "lr": 0.1}, step)
+        t.flush()
+        print("RUN", t.run_id, flush=True)
+        os._exit(1)  # a crash: no finish()
+    """
+    second = """if True:
+        import sys
+        from pipeline.track import Tracker
+        t = Tracker(True, run_id=sys.argv[1], system_metrics=False)
+        for step in range(6, 13):
+            t.log_metrics({"loss/total": 100.0 + step, "lr": 0.1}, step)
+        t.finish()
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    out = subprocess.run([sys.executable, "-c", first], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "RUN " in out.stdout, out.stderr[-3000:]
+    run_id = out.stdout.split("RUN ")[1].split()[0]
+    out = subprocess.run([sys.executable, "-c", second, run_id], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss/total"))
+    assert history == [(s, float(s)) for s in range(1, 11)] + [(11, 111.0), (12, 112.0)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(1, 13))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_default_local_store_and_no_server_at_start(tmp_path):
     """No MLFLOW_TRACKING_URI: sqlite:///mlflow.db in the working directory. A server that is not
     there at the start: one warning, nothing raised, quickly."""
