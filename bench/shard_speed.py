@@ -77,6 +77,8 @@ def main():
                                                     workers=workers, progress=False), args.repeat)
         print(f"shards.write_shards, {workers} worker(s)  : {n / t:8.0f} img/s  {t * 1e6 / n:5.0f} us/img wall, "
               f"{cpu * 1e6 / n:5.0f} us/img CPU, {t / base:.2f}x baseline wall time")
+    print(f"2 workers: {n / t:.0f} img/s (target >= 5,000), {t / base:.2f}x the baseline's time per image "
+          f"(target <= 2x)")
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work skews wall times)")
 
 
