@@ -42,10 +42,10 @@ def find_run(tmp: Path, name: str):
 
 @pytest.fixture(scope="module")
 def two_rank_run(lspet_shards, tmp_path_factory):
+    """Through launch/deepspeed.sh, as a user starts it on one node (it runs the DeepSpeed launcher)."""
     tmp = tmp_path_factory.mktemp("ddp")
     cfg = tiny_config(tmp, lspet_shards, train={"run_name": "ddp", "zero_stage": 2}, stop={"max_steps": 5})
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(),
-           "--module", "pipeline.train", "--config", str(cfg)]
+    cmd = [str(REPO / "launch" / "deepspeed.sh"), "--num_gpus", "2", "--master_port", free_port(), str(cfg)]
     proc = subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, proc.stdout
