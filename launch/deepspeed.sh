@@ -13,6 +13,9 @@
 #   --num_nodes N       use only the first N hosts of the hostfile
 #   --master_addr HOST  rendezvous host (default: the first host of the hostfile)
 #   --master_port PORT  rendezvous port (default 29500; change it when two runs share a node)
+#   --ssh_port PORT     ssh port of the hosts (default: ssh's own); other ssh options for pdsh go
+#                       in PDSH_SSH_ARGS_APPEND
+#   --no_ssh_check      skip the launcher's `ssh HOST hostname` check (it uses ssh's defaults only)
 # Run from the repository root: runs/ and mlflow.db are written to the current directory.
 # See docs/cluster.md.
 set -euo pipefail
@@ -27,8 +30,9 @@ while (($#)); do
     case $1 in
         --hostfile) hostfile=${2:?--hostfile needs a file}; shift 2 ;;
         --num_gpus) num_gpus=${2:?--num_gpus needs a number}; shift 2 ;;
-        --num_nodes | --master_addr | --master_port)
+        --num_nodes | --master_addr | --master_port | --ssh_port)
             launcher_args+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+        --no_ssh_check) launcher_args+=("$1"); shift ;;
         -h | --help) usage ;;
         -*) echo "unknown option $1" >&2; usage ;;
         *) break ;;

@@ -69,6 +69,32 @@ def test_two_rank_zero2_run_logs_every_stage_loss_to_mlflow(two_rank_run):
     assert "PCK@0.2 = " in stdout and "mlflow ui --backend-store-uri" in stdout
 
 
+def test_two_nodes_from_a_hostfile_over_pdsh_and_ssh(lspet_shards, tmp_path):
+    """launch/deepspeed.sh --hostfile with two hosts: the DeepSpeed launcher starts one node's ranks
+    through pdsh over a real sshd (tests/ssh_nodes.py; both "hosts" are this machine), each node gets
+    its node rank, DS_ACCELERATOR reaches the remote shells through .deepspeed_env as docs/cluster.md
+    tells users, and the 2-rank run finishes with one MLflow run."""
+    from tests.ssh_nodes import HOSTS, ssh_nodes
+
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "nodes", "zero_stage": 2}, stop={"max_steps": 3})
+    (tmp_path / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\n")
+    env = run_env(tmp_path)
+    with ssh_nodes(tmp_path) as nodes:
+        hostfile = nodes.hostfile(tmp_path / "hostfile", slots=1)
+        cmd = [str(REPO / "launch" / "deepspeed.sh"), "--hostfile", str(hostfile), "--no_ssh_check",
+               "--master_addr", "127.0.0.1", "--master_port", free_port(), str(cfg)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env={**env, **nodes.env}, capture_output=True, text=True,
+                              timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "cmd = pdsh " in out and "export DS_ACCELERATOR=cpu;" in out  # from .deepspeed_env
+    for node_rank, host in enumerate(HOSTS):
+        assert f"{host}: " in out and f"nnodes=2, num_local_procs=1, node_rank={node_rank}" in out
+    client, run = find_run(tmp_path, "nodes")
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3]
+
+
 def test_run_directory_feeds_evaluate_and_predict(two_rank_run, lspet_shards, tmp_path, capsys):
     tmp, _ = two_rank_run
     run_dir = tmp / "runs" / "ddp"
