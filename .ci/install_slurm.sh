@@ -4,30 +4,12 @@
 # Needs root (CI containers run as root) or passwordless sudo.
 set -euo pipefail
 
-packages=(slurmctld slurmd slurm-client munge)
-
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then
     SUDO="sudo"
 fi
 
-missing=()
-for p in "${packages[@]}"; do
-    # dpkg-query prints "install ok installed" only for a fully installed package.
-    if [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) != "install ok installed" ]]; then
-        missing+=("$p")
-    fi
-done
-
-if ((${#missing[@]})); then
-    echo "install_slurm: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    # --no-install-recommends keeps out mailutils, openmpi and friends (hundreds of MB).
-    $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
-else
-    echo "install_slurm: ${packages[*]} already installed"
-fi
+bash "$(dirname "$0")/apt_install.sh" slurmctld slurmd slurm-client munge
 
 # munged refuses to start without a key. The package's postinst normally creates one, but not in
 # every container (it can be skipped when /etc/munge is a fresh volume), so make sure.
