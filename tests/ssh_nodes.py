@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.slurm_cluster import in_ci
+from tests.slurm_cluster import free_port, in_ci
 
 SSHD = "/usr/sbin/sshd"
 HOSTS = ("localhost", "127.0.0.1")
@@ -45,14 +45,6 @@ def require_ssh_nodes() -> None:
         if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
