@@ -9,7 +9,7 @@ SHARDS := runs/shards
 CONFIG ?= configs/msc_hg_cpu.yaml
 RANKS  ?= 2
 
-.PHONY: setup demo shards train test clean
+.PHONY: setup demo shards train test gpu-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ demo: shards train
 
 test: setup
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+# The first ten minutes on a GPU node: PASS/FAIL per stage of the GPU path (exits 0 without a GPU).
+gpu-smoke: setup
+	$(BIN)/python bench/gpu_smoke.py $(ARGS)
 
 clean:
 	rm -rf runs mlruns mlflow.db

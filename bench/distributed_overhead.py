@@ -40,7 +40,7 @@ def bench_config(args):
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=False, fp16=False))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
 
 
 def make_inputs(cfg, model, batch: int, seed: int = 0):

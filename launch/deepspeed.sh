@@ -8,8 +8,11 @@
 #   --hostfile FILE     "host slots=N" lines (launch/hostfile.example); the launcher reaches the
 #                       other hosts with pdsh over passwordless ssh and runs the same command in
 #                       the same directory there, so the repository must be on a shared filesystem
-#   --num_gpus N        ranks per node. Default: one node -> every GPU (nvidia-smi), or 1 rank
-#                       on a machine without GPUs; hostfile -> its slots
+#   --num_gpus N        ranks per node. Default: one node -> every GPU this job may use
+#                       (CUDA_VISIBLE_DEVICES, else nvidia-smi), or 1 rank on a machine without
+#                       GPUs; hostfile -> its slots. On one node with CUDA_VISIBLE_DEVICES set the
+#                       launcher gets --include localhost:<those GPUs>: its --num_gpus would drop
+#                       the variable and take GPUs 0..N-1, which on a shared node are someone else's
 #   --num_nodes N       use only the first N hosts of the hostfile
 #   --master_addr HOST  rendezvous host (default: the first host of the hostfile)
 #   --master_port PORT  rendezvous port (default 29500; change it when two runs share a node)
@@ -58,11 +61,24 @@ if ((gpus == 0)); then
     # variable: put DS_ACCELERATOR=cpu in .deepspeed_env there (docs/cluster.md).
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
-if [[ -z $num_gpus && -z $hostfile ]]; then
-    num_gpus=$((gpus > 0 ? gpus : 1))
+visible=()
+if ((gpus > 0)) && [[ -z $hostfile ]]; then
+    IFS=, read -ra visible <<<"${CUDA_VISIBLE_DEVICES:-}"
 fi
-if [[ -n $num_gpus ]]; then
-    launcher_args+=(--num_gpus "$num_gpus")
+if ((${#visible[@]} > 0)); then
+    n=${num_gpus:-${#visible[@]}}
+    if ((n > ${#visible[@]})); then
+        echo "--num_gpus $n, but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#visible[@]} GPU(s)" >&2
+        exit 2
+    fi
+    launcher_args+=(--include "localhost:$(IFS=,; echo "${visible[*]:0:n}")")
+else
+    if [[ -z $num_gpus && -z $hostfile ]]; then
+        num_gpus=$((gpus > 0 ? gpus : 1))
+    fi
+    if [[ -n $num_gpus ]]; then
+        launcher_args+=(--num_gpus "$num_gpus")
+    fi
 fi
 
 # The project's virtualenv when there is one, else whatever `deepspeed` is on PATH.

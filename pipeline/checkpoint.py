@@ -9,21 +9,87 @@ rank 0 fsyncs them, renames the folder to `<tag>` and only then replaces `latest
 temporary file, fsynced, renamed). So a `step*` folder is always complete, `latest` only ever names a
 complete one, and a crash or kill at any moment leaves the previous checkpoint usable; a leftover
 `.partial-*` folder is removed by the next save. The last `keep` tags are kept.
+
+Beside DeepSpeed's files every tag holds `weights.safetensors` (the fp32 weights, gathered under
+ZeRO-3) and, with a weight average, `ema.safetensors`: what `mshg export` reads, never unpickling.
+DeepSpeed's own files are pickles, which run code when loaded; so every tag is signed: rank 0
+writes `signature.json`, the sha256 of each file and an HMAC of them under this user's checkpoint
+key (`MSHG_CHECKPOINT_KEY`, default ~/.config/mshg/checkpoint.key, made on first use, mode 600;
+share it across a cluster's nodes through the home directory). A resume checks the signature
+before DeepSpeed unpickles anything: a checkpoint that this key did not sign, or that changed
+since, is refused (docs/cluster.md).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError
 
 LATEST = "latest"
 PARTIAL = ".partial-"
 META = "meta.json"
+SIGNATURE = "signature.json"
+
+
+def checkpoint_key() -> bytes:
+    """This user's key for signing checkpoints, created on first use."""
+    path = Path(os.environ.get("MSHG_CHECKPOINT_KEY") or Path.home() / ".config" / "mshg" / "checkpoint.key")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    return path.read_bytes()
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != SIGNATURE:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            out[str(f.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def _mac(digests: dict[str, str]) -> str:
+    return hmac.new(checkpoint_key(), json.dumps(digests, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def sign(folder: Path) -> None:
+    digests = _digests(folder)
+    (folder / SIGNATURE).write_text(json.dumps({"files": digests, "hmac": _mac(digests)}, indent=1))
+
+
+def check_signature(folder: Path) -> None:
+    """Raises ConfigError unless `folder` holds exactly the files this user's key signed."""
+    path = folder / SIGNATURE
+    try:
+        signed = json.loads(path.read_text())
+        files, mac = signed["files"], signed["hmac"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{folder}: no valid {SIGNATURE}, so not a checkpoint this user's runs wrote: refusing to "
+                          f"load it (DeepSpeed's .pt files are pickles, which can run code). If you trust it, its "
+                          f"weights.safetensors loads without running code (mshg export)") from None
+    if not hmac.compare_digest(mac, _mac(files)):
+        raise ConfigError(f"{folder}: signed with another key (another user or machine; set MSHG_CHECKPOINT_KEY to "
+                          f"the key file that signed it): refusing to unpickle it")
+    now = _digests(folder)
+    changed = sorted(k for k in set(files) | set(now) if files.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"{folder}: {', '.join(changed[:5])} changed since the checkpoint was written "
+                          f"(or is missing, or empty): refusing to load it")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -84,9 +150,11 @@ class Checkpointer:
     def latest_tag(self) -> str | None:
         return latest_tag(self.dir)
 
-    def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:
+    def save(self, engine, step: int, client_state: dict, meta: dict | None = None,
+             tensors: dict[str, dict] | None = None) -> Path:
         """All ranks call this. `meta` (JSON-able, rank 0's) goes to <tag>/meta.json, readable
-        without unpickling (the export reads the run's config and joints from it)."""
+        without unpickling (the export reads the run's config and joints from it); `tensors` (rank
+        0's, {name: {key: tensor}}, e.g. the weight average) to <tag>/<name>.safetensors."""
         tag = f"step{step:08d}"
         partial = PARTIAL + tag
         if self.world.is_main:  # leftovers of a crash, or of an earlier attempt at this very tag
@@ -94,12 +162,21 @@ class Checkpointer:
             for old in self.dir.glob(PARTIAL + "*"):
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(self.world.size)
-        engine.save_checkpoint(str(self.dir), tag=partial, client_state=client_state, save_latest=False)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=partial, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            raise self.write_failed(partial, e) from None
         _barrier(self.world.size)  # every rank's part of this tag is written
         if self.world.is_main:
-            if meta is not None:
-                (self.dir / partial / META).write_text(json.dumps(meta, indent=1))
-            _fsync_tree(self.dir / partial)
+            try:
+                if meta is not None:
+                    (self.dir / partial / META).write_text(json.dumps(meta, indent=1))
+                for name, state in (tensors or {}).items():
+                    save_file(state, str(self.dir / partial / f"{name}.safetensors"))
+                sign(self.dir / partial)
+                _fsync_tree(self.dir / partial)
+            except (OSError, RuntimeError) as e:
+                raise self.write_failed(partial, e) from None
             if (self.dir / tag).exists():  # written before by a run that crashed before naming it latest
                 shutil.rmtree(self.dir / tag)
             os.replace(self.dir / partial, self.dir / tag)
@@ -114,6 +191,23 @@ class Checkpointer:
         _barrier(self.world.size)
         self.saved_step, self.last_saved = step, self.dir / tag
         return self.dir / tag
+
+    def write_failed(self, partial: str, error: Exception) -> OSError:
+        """A checkpoint that could not be written (a full disk shows as torch's `enforce fail at
+        inline_container.cc` RuntimeError): the half-written folder is removed, the previous checkpoint
+        stays `latest`, and the error says so in words, with the path."""
+        shutil.rmtree(self.dir / partial, ignore_errors=True)
+        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or (
+            "inline_container" in str(error) and free < 64 << 20)
+        what = "no space left on device" if full else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        try:
+            kept = self.latest_tag()
+        except FileNotFoundError:
+            kept = None
+        return OSError(errno.ENOSPC if full else errno.EIO,
+                       f"{what} while writing checkpoint {self.dir / partial} ({free / 2**20:.1f} MiB free there); "
+                       f"removed it, {'kept ' + str(self.dir / kept) + ' as latest' if kept else 'no earlier checkpoint'}")
 
     def resume_tag(self, mode: str = "auto") -> str | None:
         """The tag to resume from (rank 0's view of `latest`, on every rank), or None for a new run.
@@ -138,12 +232,33 @@ class Checkpointer:
         return tag
 
     def load(self, engine, tag: str) -> dict:
-        """Loads checkpoint `tag` into the engine; returns the trainer's client_state."""
-        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        """Loads checkpoint `tag` into the engine, after checking its signature (rank 0 checks, every rank
+        learns the verdict); returns the trainer's client_state."""
+        from pipeline.distributed import broadcast_object
+
+        verdict = None
+        if self.world.is_main:
+            try:
+                check_signature(self.dir / tag)
+            except ConfigError as e:
+                verdict = str(e)
+        verdict = broadcast_object(verdict, self.world)
+        if verdict:
+            raise ConfigError(verdict)
+        try:
+            path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
+            raise ConfigError(f"{self.dir / tag}: DeepSpeed cannot load this checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
         if path is None:
-            raise RuntimeError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
+            raise ConfigError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
         self.saved_step, self.last_saved = client_state["step"], self.dir / tag
         return client_state
+
+    def load_tensors(self, tag: str, name: str) -> dict | None:
+        """<tag>/<name>.safetensors as a tensor dict, or None when the checkpoint has none."""
+        path = self.dir / tag / f"{name}.safetensors"
+        return load_file(str(path)) if path.is_file() else None
 
     def _prune(self, keep_also: str) -> None:
         tags = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())

@@ -24,14 +24,17 @@ def cmd_train(args) -> int:
         from pathlib import Path
 
         from pipeline.config import batch_plan, load_config
-        from pipeline.distributed import use_cpu_accelerator_if_no_gpu
+        from pipeline.distributed import choose_device, launcher_devices
+
+        from pipeline.train import open_shards
 
         cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any rank starts
         batch_plan(cfg.train, args.ranks)  # and so does a batch that does not split over the ranks
+        open_shards(cfg)  # and missing shards or a validation set of other joints
         run_name = cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        use_cpu_accelerator_if_no_gpu()
+        choose_device(cfg.train.device)  # the launcher counts devices of DS_ACCELERATOR's kind
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
+        cmd = [launcher, *launcher_devices(args.ranks), "--master_port", str(args.master_port),
                "--module", "pipeline.train", "--config", args.config, *args.overrides,
                f"train.run_name={run_name}"]
         print(" ".join(cmd), flush=True)
@@ -39,21 +42,45 @@ def cmd_train(args) -> int:
         summary = Path(cfg.train.out_dir) / run_name / "summary.txt"
         if code == 0 and summary.is_file():
             print("\n" + summary.read_text(), end="", flush=True)
+        elif code not in (0, 75):  # 75: checkpointed after a signal, the run is KILLED and resumable
+            from pipeline.track import mark_failed
+
+            if mark_failed(cfg.train.experiment, run_name, f"a rank exited with code {code} (see the log above)"):
+                print(f"mshg train: the ranks exited with code {code}; MLflow run {run_name} marked FAILED",
+                      file=sys.stderr)
         return code
     from pipeline import train
 
     return train.main(["--config", args.config, *args.overrides])
 
 
+def writable(path: str | None, option: str) -> None:
+    """Fail before the work, not after it, when an output file cannot be written."""
+    if not path:
+        return
+    from pathlib import Path
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{option} {path}: is a directory, expected a file name")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable (permission denied)")
+
+
 def cmd_evaluate(args) -> int:
     from pipeline import evaluate
 
+    writable(args.out, "--out")
     return evaluate.main(args)
 
 
 def cmd_predict(args) -> int:
     from pipeline import predict
 
+    writable(args.out, "--out")
     return predict.main(args)
 
 
@@ -112,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
+    p.add_argument("--photos", choices=("boxes", "bare"), default=None,
+                   help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
+                        "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")
@@ -120,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; default: the whole image")
     p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
+    p.add_argument("--passes", type=int, default=2,
+                   help="photos without a box: the whole photo, then the box of the joints found (default 2 passes)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=cmd_predict)
 
@@ -154,6 +188,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:  # bad input: a clear message, not a traceback
         print(f"mshg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a shard or image that cannot be read (pipeline.data.BadSampleError and DALI's)
+        from pipeline.data import dali_summary
+
+        print(f"mshg {args.command}: error: {dali_summary(str(e)) if 'Error in' in str(e) else e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

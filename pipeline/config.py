@@ -8,6 +8,7 @@ cross-field rules (batch math, stage layout) are checked in `validate` before an
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +26,16 @@ class ModelConfig:
     # input/2, 4 at input/4, 2 at input/8. Newell's stacked baseline: [[4, 8]].
     stages: list[list[int]] = field(default_factory=lambda: [[2, 2], [4, 4], [8, 2]])
     channels: int = 256
+    # one width per stage (e.g. [32, 64, 64]: narrower at stride 2); empty: `channels` everywhere.
+    # `channels` also sizes the stem's shared trunk.
+    stage_channels: list[int] = field(default_factory=list)
     hg_min_size: int = 4  # every hourglass halves its input until this side length
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = "runs/shards/lspet-train"  # a directory written by `mshg shard`
-    val_shards: str = "runs/shards/lspet-val"
+    train_shards: str = ""  # a directory written by `mshg shard`: every config names its dataset
+    val_shards: str = ""  # optional: evaluated during and after training
     input_size: int = 256
     padding: float = 1.25  # crop side = padding * max(box w, box h)
     # augmentation (train only; validation is the deterministic crop)
@@ -44,6 +48,9 @@ class DataConfig:
     # linear warp costs ~10x more, see docs/data.md)
     interp: str = "auto"
     region_decode: bool = True  # decode only the part of the image the crop can see (JPEG ROI decode)
+    # share of training crops that frame the whole photo (centred, its longer side fills the crop) instead
+    # of the person box: what `mshg predict` sees on a photo without a box
+    whole_image_prob: float = 0.0
     sigma: float = 2.0  # Gaussian sigma in heatmap pixels at stride 4, scaled with the stride
     num_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 256  # DALI `initial_fill`
@@ -60,6 +67,9 @@ class StopConfig:
     smoothing: float = 0.9  # EMA factor for the smoothed loss
     max_steps: int = 1000
     max_epochs: int = 0  # 0: no epoch limit
+    # wall-time budget of the training loop in minutes (evaluations and checkpoints included, start-up
+    # and the final evaluation not); 0: none. Kept in checkpoints: a resumed run spends what is left.
+    max_minutes: float = 0.0
 
 
 @dataclass
@@ -75,7 +85,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     # DeepSpeed's schedulers: constant (WarmupLR), linear (WarmupDecayLR to 0 at stop.max_steps),
     # cosine (WarmupCosineLR to cos_min_ratio * lr at stop.max_steps); step: warm-up, then the lr
-    # times lr_step_gamma every lr_step_every optimizer steps
+    # times lr_step_gamma every lr_step_every optimizer steps. With stop.max_minutes, linear and
+    # cosine run over the budget instead: to its end in steps or in minutes, whichever comes first
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear | cosine | step
     lr_step_every: int = 0
@@ -84,8 +95,12 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping
     zero_stage: int = 2  # overridden by zero_optimization.stage of the `deepspeed` file, if it has one
     deepspeed: str = ""  # optional DeepSpeed config file (YAML/JSON) merged over the derived one
-    bf16: bool = False
-    fp16: bool = False  # GPUs only (DeepSpeed's dynamic loss scaling)
+    # bf16 | fp16 | fp32: mixed precision by torch.autocast (DeepSpeed's `torch_autocast`): convolutions in
+    # the low precision, fp32 weights, optimizer state and BatchNorm statistics. fp16: GPUs only.
+    precision: str = "bf16"
+    channels_last: bool = True  # NHWC activations: what oneDNN (CPU) and cuDNN tensor cores run fastest
+    ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and exported; 0: off
+    device: str = "auto"  # auto (CUDA if torch has it, said loudly) | cuda (an error without CUDA) | cpu
     log_every: int = 1
     eval_every: int = 0  # steps; 0: evaluate at the end only
     checkpoint_every: int = 0  # steps; 0: checkpoint at the end (and on a signal) only
@@ -97,12 +112,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How predictions are made, the same in training, `mshg evaluate` and `mshg predict`."""
+    flip: bool = True  # flip test: average the heatmaps of the crop and of its mirror image
+    # 1-based modules whose heatmaps are averaged (resized to the finest of them) before decoding;
+    # empty: the last module only
+    modules: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     name: str = "msc_hg"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -138,12 +163,20 @@ def config_from_yaml(text: str, source: str = "<yaml>") -> Config:
 
 
 def validate(cfg: Config) -> None:
-    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.stop
+    m, d, t, s, e = cfg.model, cfg.data, cfg.train, cfg.stop, cfg.eval
+    if not d.train_shards:
+        raise ConfigError("data.train_shards is not set: name the shard directory to train on (written by "
+                          "`mshg shard`, e.g. data.train_shards=runs/shards/lspet-train)")
     if not m.stages or any(len(st) != 2 or st[0] not in (2, 4, 8) or st[1] < 1 for st in m.stages):
         raise ConfigError(f"model.stages must be [[stride, modules], ...] with stride 2, 4 or 8; got {m.stages}")
     strides = [st[0] for st in m.stages]
-    if strides != sorted(strides):
-        raise ConfigError(f"model.stages must go from fine to coarse strides; got {strides}")
+    if strides != sorted(strides) or len(set(strides)) != len(strides):
+        raise ConfigError(f"model.stages must go from fine to coarse strides, one stage each; got {strides}")
+    if m.stage_channels and (len(m.stage_channels) != len(m.stages) or min(m.stage_channels) < 1):
+        raise ConfigError(f"model.stage_channels must give one width >= 1 per stage of model.stages {m.stages}; "
+                          f"got {m.stage_channels}")
+    if m.channels < 1:
+        raise ConfigError(f"model.channels must be >= 1; got {m.channels}")
     if d.input_size % 8 or d.input_size // max(strides) < m.hg_min_size:
         raise ConfigError(f"data.input_size={d.input_size} must be a multiple of 8 and leave at least "
                           f"model.hg_min_size={m.hg_min_size} pixels at stride {max(strides)}")
@@ -160,8 +193,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.warmup_steps must be >= 0 and train.lr > 0")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0-3; got {t.zero_stage}")
-    if t.bf16 and t.fp16:
-        raise ConfigError("train.bf16 and train.fp16 are exclusive: pick one")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
+    if t.device not in DEVICES:
+        raise ConfigError(f"train.device must be one of {', '.join(DEVICES)}; got {t.device!r}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay}")
+    if t.ema_decay and t.zero_stage == 3:
+        raise ConfigError("train.ema_decay needs whole weights on every rank: use train.zero_stage 0-2, not 3")
+    if not all(math.isfinite(v) for v in (t.lr, t.weight_decay, t.grad_clip, s.expected_loss, s.max_minutes)):
+        raise ConfigError("train.lr, train.weight_decay, train.grad_clip, stop.expected_loss and "
+                          "stop.max_minutes must be finite numbers")
+    if s.max_minutes < 0:
+        raise ConfigError(f"stop.max_minutes must be >= 0 (0: no time limit); got {s.max_minutes}")
+    if not 0 <= d.whole_image_prob <= 1:
+        raise ConfigError(f"data.whole_image_prob must be in [0, 1]; got {d.whole_image_prob}")
+    modules = sum(n for _, n in m.stages)
+    if any(not 1 <= k <= modules for k in e.modules) or len(set(e.modules)) != len(e.modules):
+        raise ConfigError(f"eval.modules must list distinct modules 1..{modules}; got {e.modules}")
     if t.resume not in RESUME_MODES:
         raise ConfigError(f"train.resume must be one of {', '.join(RESUME_MODES)}; got {t.resume!r}")
     if t.keep_checkpoints < 1 or t.checkpoint_every < 0:
@@ -173,6 +222,8 @@ def validate(cfg: Config) -> None:
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "step")
+PRECISIONS = ("bf16", "fp32", "fp16")
+DEVICES = ("auto", "cuda", "cpu")
 RESUME_MODES = ("auto", "never", "require")
 # DeepSpeed keys that are derived from train.* and may not come from a `train.deepspeed` file
 DERIVED_DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

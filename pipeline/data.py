@@ -28,6 +28,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from pipeline.config import DataConfig
 
 OUTPUTS = ["image", "keypoints", "flip", "matrix", "sample_id"]
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class ShardSet:
     def open(cls, root: str | Path) -> "ShardSet":
         root = Path(root)
         manifest_path = root / "manifest.json"
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such shard directory; write shards with `mshg shard ...` first")
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path}: no manifest; write shards with `mshg shard ...` first")
         m = json.loads(manifest_path.read_text())
@@ -57,10 +61,22 @@ class ShardSet:
                    [list(p) for p in m["flip_pairs"]], m.get("dataset", "unknown"))
 
     def flip_permutation(self) -> list[int]:
-        perm = list(range(len(self.joints)))
-        for a, b in self.flip_pairs:
-            perm[a], perm[b] = b, a
-        return perm
+        return flip_permutation(len(self.joints), self.flip_pairs)
+
+
+def flip_permutation(num_joints: int, flip_pairs: list[list[int]]) -> list[int]:
+    """Joint i of a mirrored image is joint perm[i] of the original (left and right swapped)."""
+    perm = list(range(num_joints))
+    for a, b in flip_pairs:
+        perm[a], perm[b] = b, a
+    return perm
+
+
+def crop_matrix(box, input_size: int, padding: float) -> np.ndarray:
+    """The validation crop as a 2x3 matrix in continuous coordinates: the box's centre to the crop's,
+    its longer side times `padding` to the crop's side. The DALI pipeline builds the same one with
+    fn.transforms (tests hold the two equal); `mshg predict` crops photos with it."""
+    return augment_matrix(box, input_size, padding)
 
 
 def augment_matrix(box, input_size: int, padding: float, scale: float = 1.0, angle: float = 0.0,
@@ -68,7 +84,7 @@ def augment_matrix(box, input_size: int, padding: float, scale: float = 1.0, ang
     """The pipeline's 2x3 matrix in numpy (continuous coordinates, source -> crop): translate the box
     centre to the origin, zoom (divided by `scale`; x negated for a flip), rotate by `angle` degrees
     ([[cos, -sin], [sin, cos]], clockwise on screen since y points down), move to the crop centre.
-    With scale 1, angle 0 and no flip it is `pipeline.evaluate.crop_matrix`."""
+    With scale 1, angle 0 and no flip it is `crop_matrix`."""
     x0, y0, w, h = [float(v) for v in box]
     zoom = input_size / (max(w, h) * padding) / scale
     cx, cy = x0 + w / 2 + 0.5, y0 + h / 2 + 0.5
@@ -106,9 +122,14 @@ def pose_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int,
     kp = fn.decoders.numpy(kp)
     box = fn.decoders.numpy(box)
     sample_id = fn.decoders.numpy(sample_id)
+    hwc = fn.cast(fn.peek_image_shape(jpeg), dtype=types.FLOAT)
+    wh = fn.stack(hwc[1], hwc[0])
 
     # -- the geometry: one matrix per sample, source continuous coordinates -> crop coordinates
     size = float(cfg.input_size)
+    if train and cfg.whole_image_prob > 0:  # some crops frame the whole photo, as `mshg predict` does without a box
+        whole = fn.cast(fn.random.coin_flip(probability=cfg.whole_image_prob), dtype=types.FLOAT)
+        box = whole * fn.stack(wh[0] * 0.0, wh[1] * 0.0, wh[0], wh[1]) + (1.0 - whole) * box
     center = box[0:2] + box[2:4] * 0.5 + 0.5  # +0.5: pixel index -> continuous coordinates
     zoom = size / (fn.reductions.max(box[2:4]) * cfg.padding)  # crop pixels per source pixel
     # validation: the same ops with their ranges and probabilities collapsed, so the crop is deterministic
@@ -134,8 +155,6 @@ def pose_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int,
             fn.transforms.translation(offset=center))
         corners = fn.coord_transform(types.Constant(np.array([[0, 0], [size, 0], [0, size], [size, size]],
                                                              np.float32)), MT=inverse)
-        hwc = fn.cast(fn.peek_image_shape(jpeg), dtype=types.FLOAT)
-        wh = fn.stack(hwc[1], hwc[0])
         start = dmath.clamp(dmath.floor(fn.reductions.min(corners, axes=0)) - 1.0, 0.0, wh - 1.0)
         end = dmath.clamp(dmath.ceil(fn.reductions.max(corners, axes=0)) + 1.0, start + 1.0, wh)
         image = fn.decoders.image_slice(jpeg, start=fn.cast(start, dtype=types.INT32),
@@ -283,18 +302,21 @@ class PoseLoader(DALIGenericIterator):
 
 
 def build_loader(shards: ShardSet, cfg: DataConfig, batch_size: int, train: bool,
-                 rank: int = 0, world_size: int = 1, device_id: int | None = None) -> PoseLoader:
+                 rank: int = 0, world_size: int = 1, device_id: int | None = None,
+                 seed_offset: int | None = None) -> PoseLoader:
     """A DALI iterator over this rank's part of the shards; one pass is one epoch.
 
     Every rank gets the same number of batches (the reader pads its shard to the largest one and
     the iterator drops the padding from the last, partial batch), so ranks stay in step. The same
     seed, rank and world size give the same batches again; to resume mid-epoch, skip the batches
-    already consumed (`batches_done` counts them).
+    already consumed (`batches_done` counts them). `rank` picks the reader's part of the shards; the
+    random augmentations are seeded with seed + `seed_offset` (default: the rank).
     """
     prefetch = 2
     pipe = pose_pipeline(shards=shards, cfg=cfg, train=train, shard_id=rank, num_shards=world_size,
                          gpu=device_id is not None, batch_size=batch_size, num_threads=cfg.num_threads,
-                         device_id=device_id, seed=cfg.seed + rank, prefetch_queue_depth=prefetch)
+                         device_id=device_id, seed=cfg.seed + (rank if seed_offset is None else seed_offset),
+                         prefetch_queue_depth=prefetch)
     pipe.build()
     replay = dict(shards=shards, cfg=cfg, train=train, shard_id=rank, num_shards=world_size, batch_size=batch_size)
     return PoseLoader(pipe, replay, prefetch)
@@ -304,3 +326,74 @@ def unpack(batch: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
     """DALI's batch -> tensors on the training device (images stay uint8 HWC until normalised)."""
     b = batch[0]
     return {k: b[k].to(device, non_blocking=True) for k in OUTPUTS}
+
+
+def to_model_input(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (B, H, W, 3) RGB -> normalised float32 (B, 3, H, W) on the images' device. The permuted
+    view keeps the HWC memory order, i.e. channels_last: every convolution then runs NHWC, which
+    oneDNN and cuDNN run fastest (1.5x a step on this CPU; the weights may stay NCHW, as DeepSpeed
+    keeps them). channels_last=False makes it NCHW-contiguous."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x if channels_last else x.contiguous()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The DALI seed of an epoch. Each epoch gets a freshly built pipeline with its own seed, so the
+    data order of epoch e, batch b depends only on (seed, rank, e, b): a resumed run rebuilds the
+    epoch's pipeline and skips the batches already trained on (DALI's shuffle buffer and random
+    augmentations are a function of the seed and of the number of batches drawn)."""
+    return seed + 7919 * epoch
+
+
+class TrainBatches:
+    """One rank's training batches, epoch after epoch: `next()` is the next micro-batch.
+
+    Epoch e is a pipeline built with `epoch_seed(seed, e)` over reader shard (rank + e) % world_size, so
+    every rank sees another part of the data each epoch and the order of epoch e, batch b depends only
+    on (seed, rank, e, b). `epoch` counts the epochs completed and `position` the batches drawn from the
+    current one; an epoch ends as its last batch is drawn, so a checkpoint taken there resumes at the
+    start of the next epoch. A resumed run (same seed, ranks, micro-batch) sets both from the
+    checkpoint and gets the very batches the uninterrupted run would have had next."""
+
+    def __init__(self, shards: ShardSet, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
+                 device_id: int | None, log=print):
+        self.shards, self.cfg, self.batch_size = shards, cfg, batch_size
+        self.rank, self.world_size, self.device_id, self.log = rank, world_size, device_id, log
+        self.epoch, self.position = 0, 0
+        self.drawn = 0  # micro-batches drawn over all epochs
+        self.loader: PoseLoader | None = None
+
+    def next(self) -> list[dict]:
+        if self.loader is None:
+            self.loader = self.build()
+        batch = next(self.loader)
+        self.position += 1
+        self.drawn += 1
+        if self.position == len(self.loader):  # the epoch's last batch
+            self.epoch, self.position, self.loader = self.epoch + 1, 0, None
+        return batch
+
+    def build(self) -> PoseLoader:
+        import dataclasses
+        import time
+
+        data = dataclasses.replace(self.cfg, seed=epoch_seed(self.cfg.seed, self.epoch))
+        loader = build_loader(self.shards, data, self.batch_size, train=True,
+                              rank=(self.rank + self.epoch) % self.world_size, world_size=self.world_size,
+                              device_id=self.device_id, seed_offset=self.rank)
+        if self.position:
+            t0 = time.perf_counter()
+            loader.skip(self.position)
+            self.log(f"epoch {self.epoch}: skipped the {self.position} batches already trained on "
+                     f"in {time.perf_counter() - t0:.1f} s")
+        return loader
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.loader = state["epoch"], state["position"], None
+        self.drawn = state.get("drawn", 0)

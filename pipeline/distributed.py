@@ -7,17 +7,38 @@ a world of one. On a machine without CUDA, DS_ACCELERATOR=cpu selects DeepSpeed'
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
 
-def use_cpu_accelerator_if_no_gpu() -> None:
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+def choose_device(requested: str = "auto") -> tuple[str, str]:
+    """`train.device` (auto | cuda | cpu) -> ("cuda" or "cpu", why), with DeepSpeed's accelerator set to
+    match (DS_ACCELERATOR, read when deepspeed first picks one). cuda without CUDA is an error, not a
+    silent CPU run; auto says what it found."""
+    from pipeline.config import ConfigError
+
+    has_cuda = torch.cuda.is_available()
+    build = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " built without CUDA")
+    if requested == "cuda" and not has_cuda:
+        raise ConfigError(f"train.device=cuda, but CUDA is not available ({build}"
+                          f"{', no GPU visible' if torch.version.cuda else ''}): install a CUDA build of torch, "
+                          f"check CUDA_VISIBLE_DEVICES, or set train.device=cpu")
+    device = "cuda" if requested == "cuda" or (requested == "auto" and has_cuda) else "cpu"
+    if device == "cuda" and os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        raise ConfigError(f"train.device={requested} chose CUDA, but DS_ACCELERATOR={os.environ['DS_ACCELERATOR']}: "
+                          f"unset it, or set train.device=cpu")
+    if device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
+    why = {"cuda": f"{torch.cuda.device_count() if has_cuda else 0} GPU(s) visible, {build}",
+           "cpu": f"{build}" + ("" if requested == "cpu" else ", no GPU: training on the CPU over gloo")}[device]
+    return device, f"train.device={requested}: {device} ({why})"
 
 
 def _free_port() -> int:
@@ -41,20 +62,51 @@ def fill_env_from_slurm() -> None:
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank among the `visible` ones. Sites bind GPUs to SLURM tasks in one of two
+    ways: one GPU per task (each task sees one device: index 0) or the node's GPUs to every task
+    (each takes its LOCAL_RANK-th)."""
+    from pipeline.config import ConfigError
+
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise ConfigError(f"LOCAL_RANK={local_rank}, but this task sees {visible} GPU(s) "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                      f"one rank per visible GPU, or bind one GPU to each task")
+
+
+def launcher_devices(ranks: int, environ=os.environ) -> list[str]:
+    """The DeepSpeed launcher's arguments for `ranks` ranks on this node. Its `--num_gpus N` drops
+    CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1, which on a shared node belong to someone else: where
+    CUDA_VISIBLE_DEVICES names the GPUs this job may use, `--include localhost:<the first N of them>`."""
+    from pipeline.config import ConfigError
+
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if environ.get("DS_ACCELERATOR") == "cpu" or not visible:
+        return ["--num_gpus", str(ranks)]
+    if len(visible) < ranks:
+        raise ConfigError(f"--ranks {ranks}, but CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} "
+                          f"names {len(visible)} GPU(s)")
+    return ["--include", "localhost:" + ",".join(visible[:ranks])]
+
+
 @dataclass
 class World:
     rank: int
     local_rank: int
     size: int
     device: torch.device
+    device_note: str = ""  # how train.device was resolved, for the log
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init() -> World:
-    use_cpu_accelerator_if_no_gpu()
+def init(device: str = "auto") -> World:
+    _, note = choose_device(device)
     fill_env_from_slurm()
     env = os.environ
     if "RANK" not in env:  # a plain `python -m pipeline.train`: a world of one
@@ -63,17 +115,32 @@ def init() -> World:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(verbose=False)
+    if env["WORLD_SIZE"] == "1":
+        # a world of one needs no rendezvous over the network: a file store listens on no port (a
+        # TCP store would listen on every interface)
+        folder = tempfile.mkdtemp(prefix="mshg-store-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        deepspeed.init_distributed(verbose=False, init_method=f"file://{folder}/store", rank=0, world_size=1)
+    else:
+        deepspeed.init_distributed(verbose=False)
     local_rank = int(env.get("LOCAL_RANK", "0"))
     accel = get_accelerator()
-    device = torch.device(accel.device_name(local_rank)) if accel.device_name() != "cpu" else torch.device("cpu")
+    if accel.device_name() != "cpu":
+        device = torch.device(accel.device_name(gpu_index(local_rank, torch.cuda.device_count())))
+    else:
+        device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         # ranks on one CPU machine share its cores: give each its part, or they fight over them
         local_size = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or env["WORLD_SIZE"])
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
-    return World(int(env["RANK"]), local_rank, int(env["WORLD_SIZE"]), device)
+    return World(int(env["RANK"]), local_rank, int(env["WORLD_SIZE"]), device, note)
+
+
+def device_index(world: World) -> int | None:
+    """The GPU of this rank for DALI (None on a CPU)."""
+    return world.device.index or 0 if world.device.type == "cuda" else None
 
 
 def broadcast_object(obj, world: World):

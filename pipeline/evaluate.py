@@ -13,28 +13,24 @@ unless `--no-flip`) over a shard set and prints the metric of the dataset named 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from pipeline.config import EvalConfig
+from pipeline.data import to_model_input
 
 # LSP/LSPET joint order: 2 = right hip, 9 = left shoulder
 LSP_TORSO = (9, 2)
 MPII_HEAD_BIAS = 0.6  # SC_BIAS of the official MPII script: head size = 0.6 x head-box diagonal
 MPII_EXCLUDED = (6, 7)  # pelvis, thorax: not in the official mean
 COCO_STATS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, H, W, 3) RGB -> normalised float (B, 3, H, W) on the images' device."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(dtype)
 
 
 def decode_heatmaps(heatmaps: torch.Tensor, stride: int) -> torch.Tensor:
@@ -71,15 +67,6 @@ def crop_to_original(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor
     return (xy - 0.5).float()
 
 
-def crop_matrix(box: np.ndarray, input_size: int, padding: float) -> np.ndarray:
-    """The validation crop as a 2x3 matrix in continuous coordinates, the same one the DALI
-    pipeline builds with fn.transforms (tests hold the two equal)."""
-    x0, y0, w, h = [float(v) for v in box]
-    zoom = input_size / (max(w, h) * padding)
-    cx, cy = x0 + w / 2 + 0.5, y0 + h / 2 + 0.5
-    return np.array([[zoom, 0, input_size / 2 - zoom * cx], [0, zoom, input_size / 2 - zoom * cy]], np.float32)
-
-
 def pck(pred: np.ndarray, gt: np.ndarray, torso: tuple[int, int] = LSP_TORSO, threshold: float = 0.2) -> dict:
     """PCK@threshold with torso normalisation. pred (N, J, >=2), gt (N, J, 3) with labelled flag.
 
@@ -98,29 +85,42 @@ def pck(pred: np.ndarray, gt: np.ndarray, torso: tuple[int, int] = LSP_TORSO, th
             "left_out": int((~has_torso).sum())}
 
 
+def fuse_heatmaps(outputs: list[torch.Tensor], strides: list[int], modules: list[int]) -> tuple[torch.Tensor, int]:
+    """The heatmaps predictions are decoded from: the mean of the listed modules' (1-based; empty: the
+    last module), each resized bilinearly to the finest stride among them. -> (heatmaps, stride).
+    Cell k has its centre at (k + 0.5) * stride at every stride, and bilinear resizing with
+    align_corners=False keeps centres on centres, so the maps line up."""
+    chosen = [m - 1 for m in modules] or [len(outputs) - 1]
+    stride = min(strides[i] for i in chosen)
+    size = outputs[chosen[0]].shape[-1] * strides[chosen[0]] // stride
+    maps = [outputs[i].float() if strides[i] == stride else
+            F.interpolate(outputs[i].float(), size=(size, size), mode="bilinear", align_corners=False)
+            for i in chosen]
+    return torch.stack(maps).mean(0), stride
+
+
 @torch.no_grad()
-def crop_heatmaps(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype = torch.float32,
-                  flip_perm: list[int] | None = None) -> torch.Tensor:
-    """uint8 crops (B, S, S, 3) -> the last module's heatmaps (B, J, H, W), in float32.
+def crop_heatmaps(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
+                  modules: list[int] = ()) -> tuple[torch.Tensor, int]:
+    """uint8 crops (B, S, S, 3) -> (heatmaps (B, J, H, W) in float32, their stride), in fp32.
 
     With `flip_perm` (the dataset's left/right permutation), the flip test: the mirrored crops go
     through the model too, their heatmaps are mirrored back, left and right joints swapped, and the
     two are averaged. Mirroring pixel i to S-1-i maps continuous x to S - x, and heatmap cell k
     (centre (k + 0.5) * stride) to cell W-1-k, so the two heatmaps line up without a shift."""
-    x = to_model_input(images, dtype)
-    heatmaps = model(x)[-1].float()
+    x = to_model_input(images)
+    heatmaps, stride = fuse_heatmaps(model(x), model.strides, list(modules))
     if flip_perm is not None:
-        flipped = model(torch.flip(x, dims=[3]))[-1].float()
+        flipped, _ = fuse_heatmaps(model(torch.flip(x, dims=[3])), model.strides, list(modules))
         flipped = torch.flip(flipped, dims=[3])[:, list(flip_perm)]
         heatmaps = (heatmaps + flipped) * 0.5
-    return heatmaps
+    return heatmaps, stride
 
 
-@torch.no_grad()
-def predict_crops(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype = torch.float32,
-                  flip_perm: list[int] | None = None) -> torch.Tensor:
-    """uint8 crops (B, S, S, 3) -> keypoints (B, J, 3) in crop coordinates, from the last module."""
-    return decode_heatmaps(crop_heatmaps(model, images, dtype, flip_perm), model.strides[-1])
+def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
+                  modules: list[int] = ()) -> torch.Tensor:
+    """uint8 crops (B, S, S, 3) -> keypoints (B, J, 3) in crop coordinates: x, y and the peak score."""
+    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules))
 
 
 def pckh(pred: np.ndarray, gt: np.ndarray, head_boxes: np.ndarray, threshold: float = 0.5,
@@ -187,12 +187,23 @@ def coco_keypoint_eval(pred: np.ndarray, gt: np.ndarray, metas: list[dict], join
     return {"ap": stats["AP"], "stats": stats, "persons": len(annotations), "left_out": 0}
 
 
+@dataclass
+class SampleResult:
+    """One validation sample: prediction (J, 3: x, y, score) and ground truth (J, 3: x, y, labelled)
+    in crop coordinates, the 2x3 crop matrix, and the uint8 crop when kept for the prediction grid."""
+    pred: np.ndarray
+    gt: np.ndarray
+    matrix: np.ndarray
+    image: np.ndarray | None = None
+
+
 @torch.no_grad()
-def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32,
-                    flip_perm: list[int] | None = None, keep_images: int = 0) -> dict[int, tuple]:
-    """This rank's validation results by sample id: (prediction, ground truth) in crop coordinates,
-    the 2x3 crop matrix, and the uint8 crop for the `keep_images` smallest sample ids this rank saw
-    (None for the others; the prediction grid of each evaluation shows these fixed images).
+def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: EvalConfig,
+                    flip_perm: list[int], keep_images: int = 0) -> dict[int, SampleResult]:
+    """This rank's validation results by sample id; the crop is kept for the `keep_images` smallest
+    sample ids this rank saw (the prediction grid of each evaluation shows these fixed images).
+    The one evaluation of the project: training's evaluations and `mshg evaluate` both call it, in
+    fp32, with the flip test unless `eval.flip=false`, decoded from `eval.modules`.
 
     A validation crop is a similarity transform of the image, so PCK (a ratio of distances) is the
     same in crop and in original coordinates; PCKh and COCO AP map back with the matrix."""
@@ -200,20 +211,22 @@ def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, dtype:
 
     was_training = model.training
     model.eval()
-    results, crops = {}, {}
+    results: dict[int, SampleResult] = {}
+    kept: list[int] = []
     for batch in loader:
         b = unpack(batch, device)
-        pred = predict_crops(model, b["image"], dtype, flip_perm).cpu().numpy()
+        pred = predict_crops(model, b["image"], flip_perm if cfg.flip else None, cfg.modules).cpu().numpy()
         gt = b["keypoints"].cpu().numpy()
         matrix = b["matrix"].cpu().numpy()
         for i, sid in enumerate(b["sample_id"].view(-1).tolist()):
-            results[sid] = (pred[i], gt[i], matrix[i], None)
+            results[sid] = SampleResult(pred[i], gt[i], matrix[i])
             if keep_images:
-                crops[sid] = b["image"][i].cpu().numpy()
-                if len(crops) > keep_images:
-                    crops.pop(max(crops))
-    for sid, image in crops.items():
-        results[sid] = results[sid][:3] + (image,)
+                results[sid].image = b["image"][i].cpu().numpy()
+                kept.append(sid)
+                if len(kept) > keep_images:
+                    dropped = max(kept)
+                    kept.remove(dropped)
+                    results[dropped].image = None
     model.train(was_training)
     return results
 
@@ -257,15 +270,15 @@ def summarise(results: dict[int, tuple], shards=None, metadata: dict[int, dict] 
     `metric` (its name as tracked), `value`, `per_joint` (empty for COCO), `persons`, `left_out`,
     `samples`; PCK also keeps its old key `pck`."""
     ids = sorted(results)
-    pred = np.stack([results[i][0] for i in ids])
-    gt = np.stack([results[i][1] for i in ids])
+    pred = np.stack([results[i].pred for i in ids])
+    gt = np.stack([results[i].gt for i in ids])
     kind = metric_kind(shards.dataset) if shards is not None else "pck"
     if kind == "pck":
         out = pck(pred, gt)
         out.update(metric="pck", value=out["pck"])
     else:
         metadata = metadata if metadata is not None else read_metadata(shards)
-        matrices = np.stack([results[i][2] for i in ids])
+        matrices = np.stack([results[i].matrix for i in ids])
         pred_o, gt_o = _to_original(pred, matrices), _to_original(gt, matrices)
         if kind == "pckh":
             heads = np.array([metadata[i].get("head_box") or [np.nan] * 4 for i in ids], np.float64)
@@ -309,22 +322,86 @@ def format_pck(metrics: dict, joints: list[str]) -> str:
     return "\n".join(lines)
 
 
+def photo_samples(shards):
+    """(sample id, JPEG/PNG bytes as shipped, keypoints (J, 3) in original pixels, the person box the
+    validation crop uses) of every sample of a shard set, straight from its tars: the photographs
+    themselves, not the pipeline's crops."""
+    import io
+    import tarfile
+
+    for tar in shards.tars:
+        with tarfile.open(tar) as t:
+            members: dict[str, dict[str, bytes]] = {}
+            for member in t:
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext] = t.extractfile(member).read()
+            for key, m in members.items():
+                image = m.get("jpg", m.get("png"))
+                yield (int(np.load(io.BytesIO(m["idx.npy"])).reshape(-1)[0]), image, np.load(io.BytesIO(m["kp.npy"])),
+                       np.load(io.BytesIO(m["box.npy"])).tolist())
+
+
+def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,
+                    passes: int = 2) -> dict[int, SampleResult]:
+    """`mshg predict` on the shard set's photographs, scored against their annotation: with each person's box
+    (the validation box rule, `--boxes`), or bare (no box: the whole photo, then the box of the joints
+    found). Results in original pixels (an identity matrix), for `summarise`."""
+    import cv2
+
+    from pipeline.predict import predict_images
+
+    results: dict[int, SampleResult] = {}
+    chunk: list = []
+
+    def flush():
+        images = [cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                  for _, data, _, _ in chunk]
+        keypoints = predict_images(model, cfg, images, [box if boxes else None for *_, box in chunk],
+                                   flip_perm, passes)
+        for (idx, _, gt, _), pred in zip(chunk, keypoints):
+            results[idx] = SampleResult(pred, gt, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
+        chunk.clear()
+
+    for sample in photo_samples(shards):
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    return results
+
+
+def describe_eval(cfg: EvalConfig, modules: int) -> str:
+    chosen = ", ".join(str(m) for m in cfg.modules) if cfg.modules else str(modules)
+    return f"flip test {'on' if cfg.flip else 'off'}, heatmaps of module {chosen}"
+
+
 def main(args) -> int:
     """`mshg evaluate`: one process, the validation crop over every sample of a shard set."""
     from pipeline.data import ShardSet, build_loader
+    from pipeline.predict import inference_device
     from pipeline.weights import load_trained
 
-    model, cfg, meta = load_trained(args.checkpoint)
+    device = inference_device(getattr(args, "device", "auto"))
+    model, cfg, meta = load_trained(args.checkpoint, device)
     shards = ShardSet.open(args.shards)
     if len(shards.joints) != len(meta["joints"]):
         raise SystemExit(f"{args.shards}: {len(shards.joints)} joints, but the model predicts {len(meta['joints'])}")
-    loader = build_loader(shards, cfg.data, batch_size=args.batch_size, train=False)
-    flip = None if getattr(args, "no_flip", False) else shards.flip_permutation()
-    results = evaluate_loader(model, loader, torch.device("cpu"), flip_perm=flip)
+    eval_cfg = dataclasses.replace(cfg.eval, flip=cfg.eval.flip and not getattr(args, "no_flip", False))
+    photos = getattr(args, "photos", None)
+    if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
+        flip = shards.flip_permutation() if eval_cfg.flip else None
+        results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size)
+        how = f"mshg predict on the photographs, {'with each person box' if photos == 'boxes' else 'bare: no box, 2 passes'}"
+    else:
+        loader = build_loader(shards, cfg.data, batch_size=args.batch_size, train=False,
+                              device_id=device.index or 0 if device.type == "cuda" else None)
+        results = evaluate_loader(model, loader, device, eval_cfg, shards.flip_permutation())
+        how = "the validation crops"
     metrics = summarise(results, shards)
     if len(results) != shards.num_samples:
         raise SystemExit(f"evaluated {len(results)} samples but {args.shards} holds {shards.num_samples}")
-    print(format_pck(metrics, shards.joints) + ("" if flip is None else "\n(flip test on)"))
+    print(format_pck(metrics, shards.joints) + f"\n({how}; {describe_eval(eval_cfg, len(model.strides))})")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))
     return 0 if math.isfinite(metrics["value"]) else 1

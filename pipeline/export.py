@@ -1,7 +1,7 @@
 """Trained weights -> ONNX: `mshg export --checkpoint runs/NAME --onnx model.onnx`.
 
 The ONNX graph takes the normalised image `image` (B, 3, S, S) float32 (RGB, ImageNet mean/std, as
-`evaluate.to_model_input` makes it) and returns the last module's heatmaps `heatmaps` (B, J, S/s,
+`data.to_model_input` makes it) and returns the last module's heatmaps `heatmaps` (B, J, S/s,
 S/s), the ones every prediction is decoded from. The batch dimension is dynamic. The model's
 metadata (`metadata_props`) carries joints, flip pairs, input size, stride, mean and std, so the
 file is usable without this code.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.evaluate import IMAGE_MEAN, IMAGE_STD
+from pipeline.data import IMAGE_MEAN, IMAGE_STD
 
 OPSET = 17
 

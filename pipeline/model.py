@@ -94,24 +94,26 @@ class HourglassModule(nn.Module):
 
 
 class Stem(nn.Module):
-    """Image -> feature maps at the requested strides (a subset of 2, 4, 8), each `channels` wide.
+    """Image -> feature maps at the requested strides (a subset of 2, 4, 8), `widths[stride]` wide.
     The /4 path is Newell's stem (conv7x7/2, residual, max-pool, 2 residuals); /2 branches off
-    before the pool, /8 is one more max-pool + residual after /4. Only needed branches are built,
-    so every parameter is used (DDP/DeepSpeed reject unused parameters)."""
+    before the pool, /8 is one more max-pool + residual after /4. `channels` sizes the shared trunk
+    (C/4, then C/2 at /2). Only needed branches are built, so every parameter is used (DDP/DeepSpeed
+    reject unused parameters)."""
 
-    def __init__(self, channels: int, strides: list[int]):
+    def __init__(self, channels: int, widths: dict[int, int]):
         super().__init__()
         c4, c2 = max(channels // 4, 1), max(channels // 2, 1)
-        self.strides = sorted(set(strides))
+        self.strides = sorted(widths)
         self.conv = nn.Sequential(nn.Conv2d(3, c4, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(c4), nn.ReLU())
         self.res2 = Residual(c4, c2)  # shared trunk at /2
         self.branch = nn.ModuleDict()
-        if 2 in self.strides:
-            self.branch["2"] = Residual(c2, channels)
+        w4 = widths.get(4, channels)
+        if 2 in widths:
+            self.branch["2"] = Residual(c2, widths[2])
         if max(self.strides) >= 4:
-            self.branch["4"] = nn.Sequential(nn.MaxPool2d(2), Residual(c2, c2), Residual(c2, channels))
-        if 8 in self.strides:
-            self.branch["8"] = nn.Sequential(nn.MaxPool2d(2), Residual(channels, channels))
+            self.branch["4"] = nn.Sequential(nn.MaxPool2d(2), Residual(c2, c2), Residual(c2, w4))
+        if 8 in widths:
+            self.branch["8"] = nn.Sequential(nn.MaxPool2d(2), Residual(w4, widths[8]))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         # string keys ("2", "4", "8"): DeepSpeed ZeRO-3's module hooks read dict outputs by name
@@ -132,28 +134,35 @@ class Stem(nn.Module):
 
 class PoseNet(nn.Module):
     """A cascade of hourglass modules over one or more strides; returns one heatmap tensor per
-    module. stages=[[2,2],[4,4],[8,2]] is MSC-HG, stages=[[4,8]] is Newell's 8-stack."""
+    module. stages=[[2,2],[4,4],[8,2]] is MSC-HG, stages=[[4,8]] is Newell's 8-stack. Every module is
+    `channels` wide, or `stage_channels[k]` wide in stage k when given (e.g. narrower at stride 2,
+    where a module costs 4x the FLOPs of one at stride 4)."""
 
-    def __init__(self, num_joints: int, stages: list[list[int]], channels: int, hg_min_size: int, input_size: int):
+    def __init__(self, num_joints: int, stages: list[list[int]], channels: int, hg_min_size: int, input_size: int,
+                 stage_channels: list[int] | None = None):
         super().__init__()
         self.strides: list[int] = [int(stride) for stride, n in stages for _ in range(int(n))]
-        if not self.strides or self.strides != sorted(self.strides):
+        if not self.strides or self.strides != sorted(self.strides) or len({s for s, _ in stages}) != len(stages):
             raise ValueError(f"stages must be [[stride, modules], ...] from fine to coarse; got {stages}")
         if input_size % max(self.strides):
             raise ValueError(f"input_size={input_size} must be a multiple of the largest stride {max(self.strides)}")
+        if stage_channels and len(stage_channels) != len(stages):
+            raise ValueError(f"stage_channels {stage_channels} must give one width per stage of {stages}")
+        widths = {int(s): int(stage_channels[k]) if stage_channels else channels for k, (s, _) in enumerate(stages)}
+        self.widths = [widths[s] for s in self.strides]  # of each module
         self.num_joints = num_joints
-        self.stem = Stem(channels, self.strides)
+        self.stem = Stem(channels, widths)
         self.hg_modules = nn.ModuleList()
-        for stride in self.strides:
+        for stride, width in zip(self.strides, self.widths):
             depth = hourglass_depth(input_size // stride, hg_min_size)
             if depth < 1:
                 raise ValueError(f"input_size={input_size} at stride {stride} leaves no room for an hourglass "
                                  f"down to hg_min_size={hg_min_size}")
-            self.hg_modules.append(HourglassModule(depth, channels, num_joints))
+            self.hg_modules.append(HourglassModule(depth, width, num_joints))
         # merge convs map module i's (features, heatmaps) into module i+1's input; the last module
         # has none (they would be unused parameters); the two are summed, so one bias serves both
-        self.merge_features = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in self.strides[:-1])
-        self.merge_heatmaps = nn.ModuleList(nn.Conv2d(num_joints, channels, 1, bias=False) for _ in self.strides[:-1])
+        self.merge_features = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(self.widths, self.widths[1:]))
+        self.merge_heatmaps = nn.ModuleList(nn.Conv2d(num_joints, b, 1, bias=False) for b in self.widths[1:])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         stem = self.stem(x)
@@ -179,7 +188,7 @@ class PoseNet(nn.Module):
 
 def build_model(cfg_model: ModelConfig, num_joints: int, input_size: int) -> PoseNet:
     return PoseNet(num_joints, [list(s) for s in cfg_model.stages], cfg_model.channels,
-                   cfg_model.hg_min_size, input_size)
+                   cfg_model.hg_min_size, input_size, list(cfg_model.stage_channels))
 
 
 # -----------------------------------------------------------------------------
@@ -220,7 +229,8 @@ def describe_table(cfgs: list[Config], num_joints: int = 16) -> str:
         model = build_model(cfg.model, num_joints, cfg.data.input_size)
         params = count_parameters(model) / 1e6
         gflops = count_flops(model, cfg.data.input_size) / 1e9
-        rows.append(f"| {cfg.name} | {cfg.data.input_size} | {cfg.model.channels} | "
+        width = "/".join(map(str, cfg.model.stage_channels)) if cfg.model.stage_channels else cfg.model.channels
+        rows.append(f"| {cfg.name} | {cfg.data.input_size} | {width} | "
                     f"{modules_per_scale(cfg.model.stages)} | {params:.2f} | {gflops:.2f} |")
     return "\n".join(rows)
 

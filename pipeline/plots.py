@@ -42,14 +42,16 @@ def draw_skeleton(image: np.ndarray, keypoints: np.ndarray, colour=PRED_COLOUR, 
     return out
 
 
-def prediction_grid(results: dict[int, tuple], columns: int = 4, tile: int = 192) -> np.ndarray | None:
-    """Results of `evaluate.evaluate_loader` -> one RGB image: every kept crop (sorted by sample id)
-    with the ground truth (green) and the prediction (red) drawn, `tile` px a side."""
-    kept = [(sid, r) for sid, r in sorted(results.items()) if len(r) > 3 and r[3] is not None]
+def prediction_grid(results: dict, columns: int = 4, tile: int = 192) -> np.ndarray | None:
+    """Results of `evaluate.evaluate_loader` ({sample id: SampleResult}) -> one RGB image: every kept
+    crop (sorted by sample id) with the ground truth (green) and the prediction (red) drawn, `tile` px
+    a side."""
+    kept = [(sid, r) for sid, r in sorted(results.items()) if r.image is not None]
     if not kept:
         return None
     tiles = []
-    for sid, (pred, gt, _, crop) in kept:
+    for sid, r in kept:
+        pred, gt, crop = r.pred, r.gt, r.image
         zoom = tile / crop.shape[1]
         image = cv2.resize(crop, (tile, tile), interpolation=cv2.INTER_LINEAR)
         # crop coordinates are continuous: pixel centre of index i is i + 0.5

@@ -2,9 +2,12 @@
 keypoints in original pixels.
 
 Each image is cropped exactly as the validation pipeline crops a person (`crop_matrix`): around a
-box given in `--boxes` (JSON {image path: [x0, y0, w, h]}) or, with no box, the whole image, which
-is taken to be the person. Images go through the model in batches (`--batch-size`), with the flip
-test unless `--no-flip`. Unreadable images are reported by name and skipped; the rest go on.
+box given in `--boxes` (JSON {image path: [x0, y0, w, h]}), or, for a photo without a box, coarse
+to fine: a first pass on the whole photo, then the box of the joints it found, cropped like a
+validation box, for a second pass (`--passes`, default 2; 1: the whole photo only). Images go
+through the model in batches (`--batch-size`), with the flip test unless `--no-flip`, decoded from
+the modules the run's `eval.modules` names. Unreadable images are reported by name and skipped; the
+rest go on.
 `--overlay DIR` also writes each image with its predicted skeleton drawn (DIR/<name>.jpg).
 """
 from __future__ import annotations
@@ -18,8 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.evaluate import crop_matrix, crop_to_original, predict_crops
+from pipeline.data import crop_matrix, flip_permutation
+from pipeline.evaluate import crop_to_original, predict_crops
 from pipeline.weights import load_trained
+
+BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
 
 
 def read_image(path: str) -> np.ndarray:
@@ -60,43 +66,75 @@ def write_overlay(path: Path, image: np.ndarray, keypoints: list) -> None:
         raise OSError(f"{path}: cannot write the overlay image")
 
 
+def box_from_keypoints(keypoints: np.ndarray) -> list[float]:
+    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3)."""
+    confident = keypoints[keypoints[:, 2] >= BOX_SCORE * max(keypoints[:, 2].max(), 1e-6)]
+    x0, y0 = confident[:, :2].min(0)
+    x1, y1 = confident[:, :2].max(0)
+    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+
+
+def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None) -> np.ndarray:
+    """RGB images and their boxes (None: the whole photo) -> keypoints (N, J, 3) in original pixels
+    (x, y, peak score)."""
+    size, padding = cfg.data.input_size, cfg.data.padding
+    crops, matrices = zip(*(crop(image, box, size, padding) for image, box in zip(images, boxes)))
+    device = next(model.parameters()).device
+    keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm, cfg.eval.modules).cpu()
+    xy = crop_to_original(keypoints[..., :2], torch.from_numpy(np.stack(matrices)))
+    return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
+
+
+def predict_images(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None,
+                   passes: int = 2) -> np.ndarray:
+    """A box where one is given; the whole photo, then (passes - 1) times the box of the joints
+    found, where none is."""
+    whole = [b is None for b in boxes]
+    boxes = [[0, 0, im.shape[1], im.shape[0]] if b is None else b for im, b in zip(images, boxes)]
+    keypoints = predict_batch(model, cfg, images, boxes, flip_perm)
+    for _ in range(passes - 1):
+        refine = [i for i, w in enumerate(whole) if w]
+        if not refine:
+            break
+        better = predict_batch(model, cfg, [images[i] for i in refine],
+                               [box_from_keypoints(keypoints[i]) for i in refine], flip_perm)
+        keypoints[refine] = better
+    return keypoints
+
+
+def inference_device(name: str = "auto") -> torch.device:
+    """auto: the first GPU when torch has CUDA, else the CPU; cuda without CUDA is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda, but CUDA is not available (torch {torch.__version__})")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def main(args) -> int:
-    model, cfg, meta = load_trained(args.checkpoint)
+    model, cfg, meta = load_trained(args.checkpoint, inference_device(getattr(args, "device", "auto")))
+    if args.passes < 1:
+        raise ValueError(f"--passes must be >= 1; got {args.passes}")
     boxes = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
-    flip_perm = None
-    if not getattr(args, "no_flip", False):
-        flip_perm = list(range(len(meta["joints"])))
-        for a, b in meta["flip_pairs"]:
-            flip_perm[a], flip_perm[b] = b, a
+    flip_perm = None if getattr(args, "no_flip", False) else flip_permutation(len(meta["joints"]), meta["flip_pairs"])
     overlay_dir = Path(args.overlay) if getattr(args, "overlay", None) else None
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
-    size, padding = cfg.data.input_size, cfg.data.padding
     predictions, failed = [], []
     paths = list(args.images)
     for start in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch",
-                      disable=len(paths) <= args.batch_size):
-        crops, matrices, names, originals = [], [], [], []
+                      disable=len(paths) <= args.batch_size or None):
+        images, names = [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                image = read_image(path)
+                images.append(read_image(path))
+                names.append(path)
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed.append(path)
-                continue
-            h, w = image.shape[:2]
-            c, m = crop(image, boxes.get(path, [0, 0, w, h]), size, padding)
-            crops.append(c)
-            matrices.append(m)
-            names.append(path)
-            originals.append(image if overlay_dir else None)
-        if not crops:
+        if not images:
             continue
-        keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)), flip_perm=flip_perm)
-        xy = crop_to_original(keypoints[..., :2], torch.from_numpy(np.stack(matrices)))
-        for name, pts, scores, image in zip(names, xy.tolist(), keypoints[..., 2].tolist(), originals):
-            kps = [[x, y, s] for (x, y), s in zip(pts, scores)]
+        keypoints = predict_images(model, cfg, images, [boxes.get(n) for n in names], flip_perm, args.passes)
+        for name, kps, image in zip(names, keypoints.tolist(), images):
             predictions.append({"image": name, "keypoints": kps})
             if overlay_dir:
                 write_overlay(overlay_path(overlay_dir, name, taken), image, kps)

@@ -1,7 +1,8 @@
-"""The convergence stop from the patent: stop when the loss has reached an expected value and
-stabilised, with hard limits on steps and epochs.
+"""When training stops: the convergence stop from the patent (the loss has reached an expected value
+and stabilised), hard limits on steps, epochs and wall time, and a preemption signal. Every stop
+reason lives here.
 
-The rule, checked after every optimizer step on rank 0 (the trainer broadcasts the decision):
+The convergence rule, checked after every optimizer step on rank 0 (the trainer broadcasts the decision):
   smoothed = EMA of the total loss (bias-corrected, so early values are not dragged towards 0);
   converged when, over the last `window` steps, every smoothed value is <= expected_loss and
   (max - min) <= tolerance * expected_loss.
@@ -15,7 +16,18 @@ from pipeline.config import StopConfig
 CONVERGED = "converged"
 MAX_STEPS = "max_steps"
 MAX_EPOCHS = "max_epochs"
+MAX_MINUTES = "max_minutes"
 SIGNAL = "signal"
+# the order decides when several apply at once (ranks agree by an all-reduce MAX over these codes)
+REASONS = (None, CONVERGED, MAX_STEPS, MAX_EPOCHS, MAX_MINUTES, SIGNAL)
+
+
+def reason_code(reason: str | None) -> int:
+    return REASONS.index(reason)
+
+
+def reason_from_code(code: int) -> str | None:
+    return REASONS[code]
 
 
 class ConvergenceStop:
@@ -29,18 +41,26 @@ class ConvergenceStop:
     def smoothed(self) -> float:
         return self.ema / (1 - self.cfg.smoothing ** self.updates) if self.updates else float("nan")
 
-    def update(self, loss: float, step: int, epoch: int) -> str | None:
-        """Feed the loss of optimizer step `step` (1-based); returns a stop reason or None."""
+    def update(self, loss: float, step: int, epoch: int, minutes: float = 0.0) -> str | None:
+        """Feed the loss of optimizer step `step` (1-based), the epochs completed and the minutes of
+        training spent; returns a stop reason or None."""
         a = self.cfg.smoothing
         self.ema = a * self.ema + (1 - a) * loss
         self.updates += 1
         self.recent.append(self.smoothed)
         if self.converged():
             return CONVERGED
+        return self.limit_reached(step, epoch, minutes)
+
+    def limit_reached(self, step: int, epoch: int, minutes: float) -> str | None:
+        """A hard limit (steps, epochs, minutes) reached, or None. Also asked before the first step of
+        a resumed run, which may have reached its limit already."""
         if step >= self.cfg.max_steps:
             return MAX_STEPS
         if self.cfg.max_epochs and epoch >= self.cfg.max_epochs:
             return MAX_EPOCHS
+        if self.cfg.max_minutes and minutes >= self.cfg.max_minutes:
+            return MAX_MINUTES
         return None
 
     def converged(self) -> bool:

@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_LOSSES = [f"loss/stage_{i}" for i in range(1, 9)]
 # MLflow's HTTP defaults (7 retries with a backoff factor of 2, 120 s timeout) can stall a step
 # for minutes when the server is gone; these apply unless the environment sets its own
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -157,12 +156,13 @@ class Tracker:
                 parent = str(Path(artifact_file).parent)
                 self.log_artifact(path, None if parent == "." else parent)
 
-    def log_loss_curves(self, names: list[str] = STAGE_LOSSES, artifact_file: str = "plots/stage_losses.png") -> None:
-        """The per-stage loss curves of the whole run (read back from the store, so a resumed run's
-        earlier steps are in) on one plot, as a PNG artifact."""
+    def log_loss_curves(self, stages: int, artifact_file: str = "plots/stage_losses.png") -> None:
+        """The per-stage loss curves (`loss/stage_1` .. `loss/stage_<stages>`) of the whole run (read
+        back from the store, so a resumed run's earlier steps are in) on one plot, as a PNG artifact."""
         if not self.enabled or self._failed:
             return
         self.flush()
+        names = [f"loss/stage_{i}" for i in range(1, stages + 1)]
         histories = {}
         for name in names:
             history = self._guard("get_metric_history", self.client.get_metric_history, self.run_id, name)
@@ -245,6 +245,29 @@ class Tracker:
         return f"{exe} ui --backend-store-uri {uri} --port 5000"
 
 
+def mark_failed(experiment: str, run_name: str, error: str) -> bool:
+    """After a multi-rank run ended badly: a rank that raised could not tell MLflow (only rank 0 tracks,
+    and the launcher then ended rank 0 too), so its run would stay RUNNING. Mark it FAILED with the
+    error as a tag; False when there is no such running run (rank 0 recorded the end itself)."""
+    from mlflow.tracking import MlflowClient
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'") if exp else []
+        running = [r for r in runs if r.info.status == "RUNNING"]
+        for run in running:
+            client.set_tag(run.info.run_id, "error", error[:5000])
+            client.set_tag(run.info.run_id, "stop_reason", "failed")
+            client.set_terminated(run.info.run_id, "FAILED")
+        return bool(running)
+    except Exception as e:  # the store is not worth a traceback after a failed run
+        warnings.warn(f"could not mark MLflow run {run_name!r} FAILED ({type(e).__name__}: {e})")
+        return False
+
+
 def tracking_uri_hint() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
@@ -297,7 +320,14 @@ def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"no MLflow store at {uri} (run from the directory you trained in, or give --tracking-uri)")
         return 1
-    rows = runs_table(experiment, limit, uri)
+    if uri.startswith(("http://", "https://")):  # a terminal command: fail in seconds, not after minutes of retries
+        os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        rows = runs_table(experiment, limit, uri)
+    except Exception as e:  # an unreachable or refusing server: one line
+        cause = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        print(f"mshg runs: error: cannot read runs from {uri} ({cause})", file=sys.stderr)
+        return 2
     if not rows:
         print(f"no runs in experiment {experiment!r} at {uri}")
         return 1

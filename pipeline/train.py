@@ -4,10 +4,11 @@
     deepspeed --num_gpus 2 --module pipeline.train --config configs/msc_hg_cpu.yaml   # DS_ACCELERATOR=cpu on CPUs
     srun python -m pipeline.train --config ...                                       # see launch/slurm
 
-One step: DALI batch -> joints relabelled after flips -> heatmap targets at every stride -> forward
-through the 8 modules -> sum of the 8 MSE losses -> DeepSpeed backward/step. After every optimizer
-step rank 0 decides whether to stop (convergence, step/epoch limit) and all ranks learn the decision
-in the same collective, together with any preemption signal that reached any rank.
+One loop turn is one optimizer step: `train_step` draws its `accum` micro-batches (DALI batch -> joints
+relabelled after flips -> heatmap targets at every stride -> forward through the modules -> sum of
+the per-module MSE losses -> DeepSpeed backward; DeepSpeed steps the optimizer after the last one).
+After every step rank 0 decides whether to stop (convergence, step/epoch/time limit) and all ranks
+learn the decision in the same collective, together with any preemption signal that reached any rank.
 
 Everything a run makes goes under runs/<run_name>/: checkpoints/, model.safetensors, config.yaml,
 train.log.
@@ -15,9 +16,10 @@ train.log.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
+import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -28,16 +30,16 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import (Config, ConfigError, batch_plan, flatten, load_config, read_deepspeed_file,
-                             save_config, to_dict)
-from pipeline.data import ShardSet, build_loader, unpack
-from pipeline.evaluate import evaluate_loader, format_pck, headline, summarise, to_model_input, tracked_metrics
-from pipeline.stop import CONVERGED, MAX_EPOCHS, MAX_STEPS, SIGNAL, ConvergenceStop
+from pipeline.config import Config, ConfigError, batch_plan, flatten, load_config, read_deepspeed_file, save_config, to_dict
+from pipeline.data import BadSampleError, ShardSet, TrainBatches, build_loader, to_model_input, unpack
+from pipeline.evaluate import evaluate_loader, format_pck, headline, summarise, tracked_metrics
+from pipeline.schedule import deepspeed_scheduler, make_scheduler
+from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, reason_code, reason_from_code
 from pipeline.targets import cascade_loss, make_targets, swap_flipped
 from pipeline.track import Tracker
 
-STOP_CODES = {0: None, 1: CONVERGED, 2: MAX_STEPS, 3: MAX_EPOCHS, 4: SIGNAL}  # larger wins
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped by a signal after checkpointing; requeue me"
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -49,11 +51,16 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """DeepSpeed's JSON config, derived from ours (batch sizes from `batch_plan`, the one place of the
-    batch rule), with the optional `train.deepspeed` file (e.g. configs/deepspeed/zero3.yaml) merged over."""
+    batch rule), with the optional `train.deepspeed` file (e.g. configs/deepspeed/zero3.yaml) merged over.
+
+    Mixed precision is DeepSpeed's `torch_autocast`: convolutions run in bf16/fp16 while weights,
+    gradients, optimizer state and BatchNorm statistics stay fp32 (DeepSpeed's `bf16` mode would cast
+    the weights, and the BatchNorm statistics with them, to an 8-bit mantissa)."""
     from deepspeed.accelerator import get_accelerator
 
     t = cfg.train
     global_batch, micro, accum = batch_plan(t, world_size)
+    gpu = get_accelerator().device_name() != "cpu"
     ds = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -61,47 +68,46 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         # contiguous_gradients copies each gradient into one flat buffer as it arrives, against memory
         # fragmentation on GPUs; on a CPU it is only a copy per parameter tensor in DeepSpeed's Python
-        # hook: ~5% of a demo step (bench/distributed_overhead.py, docs/cluster.md)
-        "zero_optimization": {"stage": t.zero_stage,
-                              "contiguous_gradients": get_accelerator().device_name() != "cpu"},
+        # hook: ~5% of a demo step (bench/distributed_overhead.py, docs/cluster.md). overlap_comm runs the
+        # gradient reduction beside the backward pass on a CUDA stream; a CPU has none to give it.
+        "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": gpu, "overlap_comm": gpu},
         "zero_allow_untested_optimizer": True,  # our torch optimizer (RMSprop/Adam) under ZeRO
         "steps_per_print": 10**9,
     }
-    if t.lr_schedule == "cosine":
-        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.stop.max_steps, "warmup_num_steps": max(t.warmup_steps, 1),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": t.cos_min_ratio}}
-    elif t.lr_schedule == "linear":
-        ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": cfg.stop.max_steps, "warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
-            "warmup_num_steps": max(t.warmup_steps, 1), "warmup_type": "linear"}}
-    elif t.lr_schedule == "constant" and t.warmup_steps > 1:
-        ds["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps,
-            "warmup_type": "linear"}}
-    # lr_schedule=step: a torch LambdaLR from `make_scheduler` (DeepSpeed has no step-decay schedule)
+    scheduler = deepspeed_scheduler(cfg)
+    if scheduler:  # otherwise make_scheduler's LambdaLR, or a constant rate
+        ds["scheduler"] = scheduler
     if t.deepspeed:
         ds = _merge(ds, read_deepspeed_file(t.deepspeed))
         ds["zero_optimization"]["stage"] = t.zero_stage  # load_config took it from the file already
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.bf16}
-    if t.fp16:  # dynamic loss scaling; DeepSpeed refuses fp16 on CPUs
-        ds["fp16"] = {"initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                      **ds.get("fp16", {}), "enabled": True}
+    if t.precision in AUTOCAST:
+        ds["torch_autocast"] = {**ds.get("torch_autocast", {}), "enabled": True,
+                                "dtype": "bfloat16" if t.precision == "bf16" else "float16"}
     return ds
 
 
-def make_scheduler(cfg: Config, optimizer):
-    """The step schedule: linear warm-up, then lr * gamma ** (steps after warm-up // every)."""
-    t = cfg.train
-    if t.lr_schedule != "step":
-        return None
+def writable_dir(path: Path, option: str) -> None:
+    """The nearest existing folder of `path` must be writable, checked before any work and without
+    writing anything."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: cannot write {path} ({existing} is {'not a folder' if not existing.is_dir() else 'not writable'})")
 
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        return t.lr_step_gamma ** ((step - t.warmup_steps) // t.lr_step_every)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None]:
+    """The training and validation shard sets, checked before any training: both there, one joint set."""
+    try:
+        train = ShardSet.open(cfg.data.train_shards)
+        val = ShardSet.open(cfg.data.val_shards) if cfg.data.val_shards else None
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if val and val.joints != train.joints:
+        raise ConfigError(f"data.val_shards {cfg.data.val_shards} ({val.dataset}, {len(val.joints)} joints) has "
+                          f"other joints than data.train_shards {cfg.data.train_shards} ({train.dataset}, "
+                          f"{len(train.joints)} joints): validate on shards of the same joint set")
+    return train, val
 
 
 def make_optimizer(cfg: Config, params):
@@ -130,12 +136,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The DALI seed of an epoch. Each epoch gets a freshly built pipeline with its own seed, so the
-    data order of epoch e, batch b depends only on (seed, rank, e, b): a resumed run rebuilds the
-    epoch's pipeline and skips the batches already trained on (DALI's shuffle buffer and random
-    augmentations are a function of the seed and of the number of batches drawn)."""
-    return seed + 7919 * epoch
+class Meter:
+    """Images and data-wait seconds since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.images, self.wait, self.since = 0, 0.0, time.perf_counter()
+
+    def rates(self) -> tuple[float, float]:
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        return self.images / seconds, self.wait / seconds
 
 
 class Trainer:
@@ -143,50 +155,50 @@ class Trainer:
         import deepspeed
 
         from pipeline.checkpoint import Checkpointer
+        from pipeline.ema import WeightAverage
         from pipeline.model import build_model
 
         self.cfg = cfg
-        self.world = distributed.init()
-        batch_plan(cfg.train, self.world.size)  # a wrong batch combination stops every rank here
-        if cfg.train.fp16 and self.world.device.type != "cuda":
-            raise ConfigError("train.fp16 needs GPUs (DeepSpeed has no fp16 on CPUs): use train.bf16=true")
+        self.world = distributed.init(cfg.train.device)
+        self.global_batch, self.micro_batch, self.accum = batch_plan(cfg.train, self.world.size)
+        if cfg.train.precision == "fp16" and self.world.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs GPUs (DeepSpeed has no fp16 on CPUs): use bf16")
         self.signal_received, self.signal_time = 0, 0.0
         self.install_signal_handlers()  # early: a signal during start-up is acted on after the first step
         seed_everything(cfg.data.seed + self.world.rank)
         self.run_name = distributed.broadcast_object(
             cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}", self.world)
         self.run_dir = Path(cfg.train.out_dir) / self.run_name
+        writable_dir(self.run_dir, "train.out_dir")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.world)
         resume_tag = self.checkpointer.resume_tag(cfg.train.resume)  # train.resume=never|require fail here
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
 
-        self.train_shards = ShardSet.open(cfg.data.train_shards)
-        self.val_shards = ShardSet.open(cfg.data.val_shards) if cfg.data.val_shards else None
+        self.train_shards, self.val_shards = open_shards(cfg)
         self.flip_perm = self.train_shards.flip_permutation()
         model = build_model(cfg.model, len(self.train_shards.joints), cfg.data.input_size)
         self.strides = model.strides
+        self.minutes = 0.0  # training minutes spent, as all ranks agreed at the last step (decide_stop)
         optimizer = make_optimizer(cfg, model.parameters())
+        # the GPU this rank uses (distributed.gpu_index), not DeepSpeed's default cuda:LOCAL_RANK, which
+        # does not exist where a site binds one GPU to each task
+        device_rank = argparse.Namespace(device_rank=self.world.device.index) if self.world.device.type == "cuda" else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=make_scheduler(cfg, optimizer),
+            args=device_rank, model=model, optimizer=optimizer, lr_scheduler=make_scheduler(cfg, optimizer, lambda: self.minutes),
             config=deepspeed_config(cfg, self.world.size))
-        self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else torch.float32
-        if self.dtype != torch.float32:
-            # DeepSpeed casts the parameters to bf16/fp16 but not the buffers; BatchNorm then refuses
-            # fp32 running statistics beside bf16 weights (on the CPU at least): cast them alike
-            for buf in self.engine.module.buffers():
-                if buf.is_floating_point():
-                    buf.data = buf.data.to(self.dtype)
-        self.dali_device = self.world.local_rank if self.world.device.type == "cuda" else None
-        self.loader = None  # built per epoch, see epoch_batches
+        self.ema = WeightAverage(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.dali_device = distributed.device_index(self.world)
+        self.batches = TrainBatches(self.train_shards, cfg.data, self.micro_batch, self.world.rank, self.world.size,
+                                    self.dali_device, log=self.log)
         self.stopper = ConvergenceStop(cfg.stop)
-        self.step = 0  # optimizer steps done
-        self.epoch = 0
-        self.position = 0  # micro-batches of the current epoch consumed (by this rank; all ranks alike)
+        self.step = 0  # optimizer steps done; always engine.global_steps
+        self.seconds_before = 0.0  # training seconds of earlier attempts of this run (resumed)
+        self.t_start: float | None = None  # when this attempt's loop started
         resumed = self.checkpointer.load(self.engine, resume_tag) if resume_tag else None
         if resumed:
-            self.load_state_dict(resumed)
+            self.load_state_dict(resumed, resume_tag)  # a refused resume stops here, the run dir untouched
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = Tracker(self.world.is_main, cfg.train.experiment, self.run_name,
                                run_id=resumed.get("mlflow_run_id") if resumed else None,
                                tags=self.run_tags())
@@ -194,8 +206,14 @@ class Trainer:
             self.tracker.log_params(flatten(to_dict(cfg)))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
             self.tracker.log_dict(deepspeed_config(cfg, self.world.size), "deepspeed_config.json")
+        self.log(self.world.device_note)
+        if self.world.device.type == "cuda":  # every rank: which GPU it drives (shared nodes, SLURM binding)
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+            print(f"rank {self.world.rank} (local {self.world.local_rank}): {self.world.device} "
+                  f"{torch.cuda.get_device_name(self.world.device)}", flush=True)
         self.log(f"run {self.run_name}: {self.world.size} rank(s) on {self.world.device}, "
-                 f"{self.train_shards.num_samples} training samples, "
+                 f"{self.train_shards.num_samples} training samples, batch {self.global_batch} = "
+                 f"{self.micro_batch} x {self.accum} accumulation x {self.world.size} rank(s), "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")
 
     # -- state -------------------------------------------------------------------------------------
@@ -206,163 +224,199 @@ class Trainer:
     def state_dict(self) -> dict:
         """The trainer's part of a checkpoint (DeepSpeed adds weights, optimizer and scheduler). Called
         by every rank: the RNG states of all ranks are gathered, as DeepSpeed keeps rank 0's copy."""
-        return {"step": self.step, "epoch": self.epoch, "position": self.position,
-                "world_size": self.world.size, "micro_batch": self.cfg.train.micro_batch,
+        return {"step": self.step, **self.batches.state_dict(), "seconds": self.seconds(),
+                "world_size": self.world.size, "micro_batch": self.micro_batch,
                 "data_seed": self.cfg.data.seed, "stopper": self.stopper.state_dict(),
                 "mlflow_run_id": self.tracker.run_id, "rng": distributed.gather_objects(rng_state(), self.world)}
 
-    def load_state_dict(self, state: dict) -> None:
-        same = {"world_size": self.world.size, "micro_batch": self.cfg.train.micro_batch,
-                "data_seed": self.cfg.data.seed}
+    def load_state_dict(self, state: dict, tag: str) -> None:
+        same = {"world_size": self.world.size, "micro_batch": self.micro_batch, "data_seed": self.cfg.data.seed}
         changed = [f"{k} {state[k]} -> {v}" for k, v in same.items() if k in state and state[k] != v]
         if changed:  # the data position would mean other samples: refuse rather than resume inexactly
             raise ConfigError(f"cannot resume exactly ({', '.join(changed)}): resume with the same ranks, "
                               f"train.micro_batch and data.seed, or start a new run")
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        if self.ema is not None:
+            averaged = self.checkpointer.load_tensors(tag, "ema")
+            if averaged is None:
+                raise ConfigError(f"train.ema_decay={self.cfg.train.ema_decay}, but checkpoint {tag} has no weight "
+                                  f"average: resume with the run's own train.ema_decay, or start a new run")
+            self.ema.load_state_dict(averaged)
+        self.step = state["step"]
+        self.batches.load_state_dict(state)
+        self.seconds_before = state.get("seconds", 0.0)
+        self.minutes = self.seconds_before / 60
         self.stopper.load_state_dict(state["stopper"])
         set_rng_state(state["rng"][self.world.rank])
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch forward/backward (and optimizer step at the accumulation boundary).
-        Returns the total loss and the per-module losses, averaged over ranks."""
-        keypoints = swap_flipped(batch["keypoints"], batch["flip"], self.flip_perm)
-        heatmaps, weights = make_targets(keypoints, self.cfg.data.input_size, self.strides, self.cfg.data.sigma)
-        predictions = self.engine(to_model_input(batch["image"], self.dtype))
-        loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides)
-        self.engine.backward(loss)
-        self.engine.step()
-        losses = torch.stack([loss.detach()] + [m.detach() for m in per_module]).float()
-        if self.world.size > 1:
-            torch.distributed.all_reduce(losses)
-            losses /= self.world.size
-        return losses[0], losses[1:]
+    def seconds(self) -> float:
+        """Training seconds of this run so far, earlier attempts included."""
+        return self.seconds_before + (time.perf_counter() - self.t_start if self.t_start is not None else 0.0)
 
-    def decide_stop(self, total_loss: float) -> str | None:
-        """Rank 0 applies the stop rule; one all-reduce (max) tells every rank, with any signal."""
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> int:
+        self.t_start = time.perf_counter()
+        self.meter = Meter()
+        t, stop = self.cfg.train, self.cfg.stop
+        reason = self.stopper.limit_reached(self.step, self.batches.epoch, self.minutes)  # a resumed run may be done
+        pending = []  # the losses of the steps since the last decision, still on the device
+        while reason is None:
+            total, per_module = self.train_step()
+            self.step += 1
+            assert self.step == self.engine.global_steps, (self.step, self.engine.global_steps)
+            if self.ema is not None:
+                self.ema.update(self.engine.module)
+            pending.append(torch.cat([total[None], per_module]))
+            evaluate = bool(t.eval_every) and self.step % t.eval_every == 0
+            checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+            if not (self.step % t.log_every == 0 or evaluate or checkpoint or self.step >= stop.max_steps
+                    or (stop.max_epochs and self.batches.epoch >= stop.max_epochs)):
+                continue  # no host sync between decisions: a GPU runs ahead (train.log_every)
+            losses, pending = torch.stack(pending).tolist(), []
+            reason = self.decide_stop(losses)
+            self.log_step(losses[-1])
+            if evaluate and not reason:
+                self.evaluate()
+            if checkpoint:
+                self.save_checkpoint()
+        return self.finish(reason)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step: `accum` micro-batches forward and backward; DeepSpeed scales each loss by
+        1/accum and steps the optimizer after the last. Returns the total and per-module losses,
+        averaged over the micro-batches and the ranks."""
+        losses = []
+        for _ in range(self.accum):
+            t0 = time.perf_counter()
+            batch = unpack(self.batches.next(), self.world.device)
+            self.meter.wait += time.perf_counter() - t0
+            keypoints = swap_flipped(batch["keypoints"], batch["flip"], self.flip_perm)
+            heatmaps, weights = make_targets(keypoints, self.cfg.data.input_size, self.strides, self.cfg.data.sigma)
+            predictions = self.engine(to_model_input(batch["image"], self.cfg.train.channels_last))
+            loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(torch.stack([loss.detach()] + [m.detach() for m in per_module]).float())
+            self.meter.images += len(batch["image"]) * self.world.size
+        mean = torch.stack(losses).mean(0)
+        if self.world.size > 1:
+            torch.distributed.all_reduce(mean)
+            mean /= self.world.size
+        return mean[0], mean[1:]
+
+    def decide_stop(self, losses: list[list[float]]) -> str | None:
+        """`losses`: [total, per module...] of each step since the last decision (every step, or every
+        train.log_every steps). Rank 0 applies the stop rules to each; one all-reduce (max) tells every
+        rank the reason, any signal and the minutes spent (so that every rank's learning rate follows
+        the same clock)."""
+        first = self.step - len(losses) + 1
+        for step, (total, *_) in enumerate(losses, first):
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss is {total} at step {step}")
+        minutes = self.seconds() / 60
         code = 0
         if self.world.is_main:
-            reason = self.stopper.update(total_loss, self.step, self.epoch)
-            code = {v: k for k, v in STOP_CODES.items()}[reason]
+            for step, (total, *_) in enumerate(losses, first):
+                code = code or reason_code(self.stopper.update(total, step, self.batches.epoch, minutes))
         if self.signal_received:
-            code = 4
-        flag = torch.tensor([code], dtype=torch.int32, device=self.world.device)
+            code = reason_code(SIGNAL)
+        agreed = torch.tensor([code, minutes], dtype=torch.float64, device=self.world.device)
         if self.world.size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return STOP_CODES[int(flag.item())]
-
-    def epoch_batches(self):
-        """This rank's batches of the current epoch, from `self.position` on: the epoch's pipeline is
-        built with the epoch's seed (`epoch_seed`) and the batches already trained on are drawn and
-        dropped, so a resumed run sees exactly the batches the uninterrupted run would have seen."""
-        data = dataclasses.replace(self.cfg.data, seed=epoch_seed(self.cfg.data.seed, self.epoch))
-        self.loader = build_loader(self.train_shards, data, self.cfg.train.micro_batch, train=True,
-                                   rank=self.world.rank, world_size=self.world.size, device_id=self.dali_device)
-        if self.position:
-            t0 = time.perf_counter()
-            self.loader.skip(self.position)
-            self.log(f"epoch {self.epoch}: skipped the {self.position} batches already trained on "
-                     f"in {time.perf_counter() - t0:.1f} s")
-        while True:  # next(), not `for`: iter() on a DALI iterator that has been drawn from resets it
-            try:
-                batch = next(self.loader)
-            except StopIteration:
-                break
-            yield batch
-        self.loader = None
-
-    def fit(self) -> int:
-        reason, images, t_start, t_wait = None, 0, time.perf_counter(), 0.0
-        t_log = t_start
-        if self.step >= self.cfg.stop.max_steps:  # resumed a run that had already reached its limit
-            reason = MAX_STEPS
-        while reason is None:
-            t0 = time.perf_counter()
-            for batch in self.epoch_batches():
-                b = unpack(batch, self.world.device)
-                self.position += 1
-                t_wait += time.perf_counter() - t0
-                total, per_module = self.train_step(b)
-                images += len(b["image"]) * self.world.size
-                if not self.engine.is_gradient_accumulation_boundary() and self.cfg.train.grad_accum > 1:
-                    t0 = time.perf_counter()
-                    continue
-                self.step += 1
-                if not math.isfinite(total.item()):
-                    raise FloatingPointError(f"loss is {total.item()} at step {self.step}")
-                reason = self.decide_stop(total.item())
-                if self.step % self.cfg.train.log_every == 0 or reason:
-                    now = time.perf_counter()
-                    self.log_step(total, per_module, images / (now - t_log), t_wait / (now - t_log))
-                    images, t_wait, t_log = 0, 0.0, now
-                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and not reason:
-                    self.evaluate()
-                if self.cfg.train.checkpoint_every and self.step % self.cfg.train.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if reason:
-                    break
-                t0 = time.perf_counter()
-            else:  # the epoch ended without a stop
-                self.epoch += 1
-                self.position = 0
-                if self.cfg.stop.max_epochs and self.epoch >= self.cfg.stop.max_epochs:
-                    reason = MAX_EPOCHS
-        return self.finish(reason, time.perf_counter() - t_start)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        self.minutes = float(agreed[1])
+        return reason_from_code(int(agreed[0]))
 
     # -- the rest, each small ------------------------------------------------------------------------
-    def log_step(self, total: torch.Tensor, per_module: torch.Tensor, images_per_s: float, wait: float) -> None:
-        metrics = {"loss/total": total.item(), "lr": self.engine.get_lr()[0],
-                   "images_per_s": images_per_s, "data_wait_fraction": wait,
-                   "loss/smoothed": self.stopper.smoothed}
-        metrics.update({f"loss/stage_{i + 1}": v for i, v in enumerate(per_module.tolist())})
+    def log_step(self, losses: list[float]) -> None:
+        images_per_s, wait = self.meter.rates()
+        self.meter.reset()
+        total, per_module = losses[0], losses[1:]
+        metrics = {"loss/total": total, "lr": self.engine.get_lr()[0], "images_per_s": images_per_s,
+                   "data_wait_fraction": wait, "loss/smoothed": self.stopper.smoothed, "minutes": self.minutes,
+                   "epoch": self.batches.epoch}
+        metrics.update({f"loss/stage_{i + 1}": v for i, v in enumerate(per_module)})
+        # this rank's peak: GPU memory allocated by torch, or the process's resident set on a CPU
+        metrics["peak_memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if self.world.device.type == "cuda"
+                                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         self.tracker.log_metrics(metrics, self.step)
         if self.world.is_main and (self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1):
-            stages = " ".join(f"{v:.4f}" for v in per_module.tolist())
-            self.log(f"step {self.step:5d} epoch {self.epoch} loss {total.item():.5f} "
-                     f"(smoothed {self.stopper.smoothed:.5f}) stages [{stages}] {images_per_s:.1f} img/s")
+            stages = " ".join(f"{v:.4f}" for v in per_module)
+            self.log(f"step {self.step:5d} epoch {self.batches.epoch} loss {total:.5f} "
+                     f"(smoothed {self.stopper.smoothed:.5f}) stages [{stages}] {images_per_s:.1f} img/s "
+                     f"{self.minutes:.1f} min")
+
+    def eval_model(self) -> torch.nn.Module:
+        """What is evaluated and exported: the weight average when there is one, with rank 0's BatchNorm
+        statistics on every rank (each rank's own drift apart; the checkpoint keeps rank 0's)."""
+        model = self.ema.module if self.ema is not None else self.engine.module
+        if self.world.size > 1:
+            for buf in model.buffers():
+                torch.distributed.broadcast(buf, src=0)
+        return model
 
     def evaluate(self) -> dict | None:
-        """Every rank predicts its part of the validation shards; rank 0 computes PCK."""
+        """Every rank predicts its part of the validation shards; rank 0 computes the metric."""
         if self.val_shards is None:
             return None
-        loader = build_loader(self.val_shards, self.cfg.data, self.cfg.train.micro_batch, train=False,
+        # no gradients kept: larger batches than training's run the forward passes faster
+        loader = build_loader(self.val_shards, self.cfg.data, max(32, self.micro_batch), train=False,
                               rank=self.world.rank, world_size=self.world.size, device_id=self.dali_device)
-        results = evaluate_loader(self.engine.module, loader, self.world.device, self.dtype,
+        results = evaluate_loader(self.eval_model(), loader, self.world.device, self.cfg.eval,
+                                  self.val_shards.flip_permutation(),
                                   keep_images=8 if self.world.is_main else 0)  # the fixed preview images
         merged = {}
         for part in distributed.gather_objects(results, self.world):
             merged.update(part)
-        metrics = summarise(merged, self.val_shards) if self.world.is_main else None
-        if self.world.is_main:
-            if len(merged) != self.val_shards.num_samples:
-                self.log(f"warning: evaluated {len(merged)} of {self.val_shards.num_samples} validation samples")
-            self.log(format_pck(metrics, self.val_shards.joints))
-            self.tracker.log_metrics(tracked_metrics(metrics, self.val_shards.joints), self.step)
-            from pipeline.plots import prediction_grid
+        if not self.world.is_main:
+            return None
+        metrics = summarise(merged, self.val_shards)
+        if len(merged) != self.val_shards.num_samples:
+            self.log(f"warning: evaluated {len(merged)} of {self.val_shards.num_samples} validation samples")
+        self.log(format_pck(metrics, self.val_shards.joints))
+        self.tracker.log_metrics({**tracked_metrics(metrics, self.val_shards.joints), "minutes": self.minutes},
+                                 self.step)
+        from pipeline.plots import prediction_grid
 
-            self.tracker.log_image(prediction_grid(merged), f"predictions/step_{self.step:06d}.png")
+        self.tracker.log_image(prediction_grid(merged), f"predictions/step_{self.step:06d}.png")
         return metrics
 
     def save_checkpoint(self) -> Path:
         if self.checkpointer.saved_step == self.step:  # e.g. checkpoint_every fell on the last step
             return self.checkpointer.last_saved
-        meta = {"step": self.step, "epoch": self.epoch, "world_size": self.world.size,
+        meta = {"step": self.step, "engine_steps": self.engine.global_steps, "micro_batches": self.batches.drawn,
+                "epoch": self.batches.epoch, "position": self.batches.position, "world_size": self.world.size,
                 "zero_stage": self.cfg.train.zero_stage, "config": (self.run_dir / "config.yaml").read_text(),
                 "joints": self.train_shards.joints, "flip_pairs": self.train_shards.flip_pairs}
-        saved = self.checkpointer.save(self.engine, self.step, self.state_dict(), meta if self.world.is_main else None)
+        tensors = {"weights": self.weights_state()}
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        saved = self.checkpointer.save(self.engine, self.step, self.state_dict(), meta if self.world.is_main else None,
+                                       tensors if self.world.is_main else None)
         self.tracker.flush()  # the store then holds at least every step up to the checkpoint
         return saved
 
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The model's whole fp32 state dict, on every rank (ZeRO-3 partitions the weights: gathered)."""
+        module = self.engine.module
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
     def export_weights(self, checkpoint: Path) -> Path | None:
-        """fp32 weights of the final checkpoint (any ZeRO stage) -> runs/NAME/model.safetensors."""
+        """fp32 weights of the final checkpoint (any ZeRO stage; the weight average when there is one)
+        -> runs/NAME/model.safetensors."""
         from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint
 
         if not self.world.is_main:
             return None
         return export_zero_checkpoint(checkpoint, self.run_dir / WEIGHTS_FILE)
 
-    def finish(self, reason: str, seconds: float) -> int:
-        self.log(f"stopping at step {self.step}: {reason}")
+    def finish(self, reason: str) -> int:
+        seconds = self.seconds()
+        self.log(f"stopping at step {self.step}: {reason}"
+                 + (f" ({self.cfg.stop.max_minutes:g} min of training spent)" if reason == MAX_MINUTES else ""))
         self.tracker.set_tags({"stop_reason": reason, "stopped_at_step": self.step})
         checkpoint = self.save_checkpoint()
         if self.signal_received:
@@ -379,7 +433,7 @@ class Trainer:
             if metrics:
                 self.tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, self.step)
             self.tracker.log_artifact(self.run_dir / "train.log")
-            self.tracker.log_loss_curves()
+            self.tracker.log_loss_curves(len(self.strides))
             if weights:
                 from pipeline.weights import load_trained
 
@@ -401,17 +455,37 @@ class Trainer:
     def install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
             # acted on at the end of the current step, by every rank (decide_stop); a second signal,
-            # also one during the checkpoint, changes nothing
+            # also one during the checkpoint, changes nothing, except a second Ctrl-C: stop at once
+            if signum == signal.SIGINT and self.signal_received == signal.SIGINT:
+                raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without a checkpoint")
             if not self.signal_received:
                 self.signal_received, self.signal_time = signum, time.monotonic()
+                if signum == signal.SIGINT:
+                    self.log("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again: at once)")
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, request_stop)
+
+    def abort(self, error: BaseException) -> str:
+        """The run raised: record it in MLflow as FAILED (KILLED for a second Ctrl-C) with the error's first
+        line as a tag, and say in one line what happened and what to do."""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        self.tracker.set_tags({"error": f"{type(error).__name__}: {first}"[:5000], "stop_reason": status.lower(),
+                               "stopped_at_step": self.step})
+        self.tracker.finish(status)
+        last = self.checkpointer.latest_tag()
+        where = f"the last good checkpoint is {self.checkpointer.dir / last}" if last else "there is no checkpoint yet"
+        if isinstance(error, FloatingPointError):
+            return (f"{first}: training diverged; {where} (a rerun with the same train.run_name resumes from it). "
+                    f"Try a lower train.lr, a longer train.warmup_steps, train.grad_clip, or train.precision=fp32")
+        return f"{type(error).__name__}: {first} (at step {self.step}; {where})"
 
     def log(self, message: str) -> None:
         if self.world.is_main:
             line = f"[{datetime.now():%H:%M:%S}] {message}"
             print(line, flush=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(line + "\n")
 
@@ -444,10 +518,17 @@ def main(argv=None) -> int:
     except ConfigError as e:  # every rank stops here, before training, with the same message
         print(f"python -m pipeline.train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    code = trainer.fit()
+    try:
+        code = trainer.train()
+    except (FloatingPointError, BadSampleError, OSError, KeyboardInterrupt) as e:  # a line, not a traceback
+        print(f"python -m pipeline.train: error: {trainer.abort(e)}", file=sys.stderr, flush=True)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+    except BaseException as e:  # a bug: the traceback is worth having, and the run is FAILED, not FINISHED
+        trainer.abort(e)
+        raise
     # Python puts the default handlers back while it shuts down, so a late SIGTERM (a launcher or srun
     # passing on another signal) would turn exit 75 into "killed": the work is saved, ignore them now
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     return code
 

@@ -46,8 +46,12 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     from pipeline.model import build_model
 
     path = resolve(checkpoint)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors' own error type: a file that is not safetensors at all
+        raise ValueError(f"{path}: not a safetensors weights file ({e}); give a run directory or the "
+                         f"model.safetensors that `mshg train` or `mshg export` wrote") from None
     if "config" not in meta or "joints" not in meta:
         raise ValueError(f"{path}: not an mshg weights file (metadata lacks config/joints)")
     cfg = config_from_yaml(meta["config"], source=str(path))
@@ -59,14 +63,12 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
 
 
 def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """A DeepSpeed checkpoint (any ZeRO stage, any number of ranks) -> fp32 safetensors at `out`, with
-    the run's config, joints and flip pairs (from the tag's meta.json) as metadata: the file that
+    """A checkpoint of pipeline.train (any ZeRO stage, any number of ranks) -> fp32 safetensors at `out`,
+    with the run's config, joints and flip pairs (from the tag's meta.json) as metadata: the file that
     `mshg evaluate/predict` load. `checkpoint`: runs/NAME, runs/NAME/checkpoints (its `latest`), or
-    runs/NAME/checkpoints/TAG. Weights only, BatchNorm running statistics included (DeepSpeed saves
-    the buffers with the module; zero_to_fp32 puts them back); every key of the model must be there.
-    DeepSpeed's files are pickles: export only checkpoints you (or your cluster) wrote."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    runs/NAME/checkpoints/TAG. It reads the tag's `ema.safetensors` (a run with train.ema_decay: the
+    weight average is what the run evaluated) or `weights.safetensors`, never DeepSpeed's pickles, so
+    exporting a checkpoint from anywhere runs no code. Every key of the model must be there."""
     from pipeline.checkpoint import META, resolve_checkpoint
     from pipeline.model import build_model
 
@@ -76,7 +78,15 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"{meta_path}: missing (a checkpoint written by pipeline.train has it)")
     meta = json.loads(meta_path.read_text())
     cfg = config_from_yaml(meta["config"], source=str(meta_path))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    source = next((directory / tag / f for f in ("ema.safetensors", "weights.safetensors")
+                   if (directory / tag / f).is_file()), None)
+    if source is None:
+        raise FileNotFoundError(f"{directory / tag}: no weights.safetensors (written by pipeline.train since "
+                                f"checkpoints are signed); DeepSpeed's pickles are not loaded for an export")
+    try:
+        state = {k: v for k, v in load_file(str(source)).items() if k != "n_averaged"}
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{source}: not a readable safetensors file ({e})") from None
     expected = build_model(cfg.model, len(meta["joints"]), cfg.data.input_size).state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -5,6 +5,7 @@ pipeline/cli.py calls add_commands(subparsers); `python -m shards.cli ...` works
 
 import argparse
 import os
+import random
 import sys
 
 from shards import datasets
@@ -25,6 +26,10 @@ def add_output_options(p):
                    help="how to store images that are not JPEG: png (lossless, default) or jpg (quality 95)")
     p.add_argument("--split-file", default=None,
                    help="text file of image file names, one a line: shard only the persons in those images")
+    p.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
+                   help="sample order in the tars: shuffled with --seed (default; DALI only shuffles within a "
+                        "buffer of a few hundred samples, so the tars must not hold the dataset's order) or source")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -87,6 +92,8 @@ def run_shard(args):
     except (datasets.AnnotationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.order == "shuffled":  # seeded: the same command writes the same tars
+        random.Random(args.seed).shuffle(records)
     saved_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "quiet")}
     try:
         manifest = write_shards(

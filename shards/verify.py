@@ -40,6 +40,25 @@ def index_matches(tar_path, idx_path):
             return a.read() == b.read()
 
 
+def libjpeg_warnings(data):
+    """What libjpeg says while decoding these bytes (OpenCV's decoder), or "" when nothing. A JPEG cut
+    short and closed with an end-of-image marker decodes without an error, the missing part grey:
+    libjpeg's "Corrupt JPEG data: premature end of data segment" warning on stderr is the only sign,
+    so stderr (fd 2, where the C library writes) is captured for the decode."""
+    import cv2
+
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        return " ".join(err.read().decode(errors="replace").split())
+
+
 def check_sample(members, num_joints):
     """Problems of one sample, given {ext: bytes}."""
     problems = []
@@ -48,10 +67,14 @@ def check_sample(members, num_joints):
     expected = NPY_MEMBERS | {"json"}
     if len(images) != 1 or exts - images != expected:
         return [f"members {sorted(exts)}, expected one of jpg/png plus {sorted(expected)}"]
+    ext = images.pop()
     try:
-        Image.open(io.BytesIO(members[images.pop()])).load()  # a full decode, truncation raises
+        Image.open(io.BytesIO(members[ext])).load()  # a full decode, truncation raises
     except Exception as e:
         problems.append(f"image does not decode ({type(e).__name__}: {e})")
+    else:
+        if ext == "jpg" and (warning := libjpeg_warnings(members[ext])):
+            problems.append(f"JPEG scan data is damaged or cut short (libjpeg: {warning})")
     arrays = {}
     for ext in sorted(NPY_MEMBERS):
         try:

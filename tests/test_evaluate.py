@@ -10,7 +10,7 @@ import torch
 from pipeline.cli import main as mshg
 from pipeline.data import ShardSet, build_loader, unpack
 from pipeline.config import DataConfig
-from pipeline.evaluate import (coco_keypoint_eval, crop_heatmaps, decode_heatmaps, format_pck, headline, pck, pckh,
+from pipeline.evaluate import (SampleResult, coco_keypoint_eval, crop_heatmaps, decode_heatmaps, format_pck, headline, pck, pckh,
                                read_metadata, summarise, tracked_metrics)
 from tests.conftest import SHARED_DATA
 
@@ -78,7 +78,7 @@ def test_pckh_through_summarise_maps_crops_back_to_original_pixels():
     pred = gt.copy()
     pred[0, 0] += 2 * 14.0  # 14 original px: correct for head size 30 (threshold 15)
     pred[1, 0] += 2 * 16.0  # 16 original px: wrong; in crop pixels 32 would be "correct" at 2x head size
-    results = {7: (pred, gt, matrix, None)}
+    results = {7: SampleResult(pred, gt, matrix)}
     m = summarise(results, Shards(), metadata={7: {"head_box": [0, 0, 30, 40]}})
     assert m["metric"] == "pckh" and m["per_joint"][0] == 1.0 and m["per_joint"][1] == 0.0
     assert m["value"] == pytest.approx(13 / 14)
@@ -109,8 +109,9 @@ def test_flip_test_is_left_right_consistent():
     model = build_model(ModelConfig(channels=8, stages=[[2, 1], [4, 1]]), 14, 32).eval()
     half = torch.randint(0, 256, (1, 32, 16, 3), dtype=torch.uint8)
     image = torch.cat([half, torch.flip(half, dims=[2])], 2)  # symmetric about the vertical axis
-    plain = crop_heatmaps(model, image)
-    tested = crop_heatmaps(model, image, flip_perm=LSP_FLIP)
+    plain, stride = crop_heatmaps(model, image)
+    tested, _ = crop_heatmaps(model, image, flip_perm=LSP_FLIP)
+    assert stride == 4
     mirror = lambda h: torch.flip(h, dims=[3])[:, LSP_FLIP]
     torch.testing.assert_close(mirror(tested), tested, atol=1e-6, rtol=0)
     assert (mirror(plain) - plain).abs().max() > 1e-3
@@ -168,7 +169,7 @@ def test_coco_ap_through_the_dali_validation_crop(coco_shards):
             kp = b["keypoints"][i].numpy().copy()
             pred = kp.copy()
             pred[:, 2] = 1.0
-            results[sid] = (pred, kp, b["matrix"][i].numpy(), None)
+            results[sid] = SampleResult(pred, kp, b["matrix"][i].numpy())
     m = summarise(results, coco_shards)
     assert m["metric"] == "coco/AP" and m["samples"] == coco_shards.num_samples
     assert m["value"] == pytest.approx(1.0, abs=1e-6)

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import torch
 
 from pipeline.cli import main as mshg
-from pipeline.evaluate import to_model_input
+from pipeline.data import to_model_input
 from pipeline.predict import crop, read_image
 from pipeline.weights import load_trained
 from tests.conftest import SAMPLE

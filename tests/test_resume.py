@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, tiny_config
+from tests.test_train import free_port
 
 N = 9  # steps of the reference run
 EXIT_REQUEUE = 75
@@ -121,6 +122,43 @@ def test_stop_at_k_then_resume_matches_uninterrupted_run(lspet_shards, tmp_path,
     assert "resumed at step 7" in out
     assert "epoch 1: skipped the 1 batches already trained on" in out
     print(f"max_steps resume: max weight difference {assert_same_as_reference(tmp_path, reference())}")
+
+
+@pytest.mark.parametrize("k", [5, 6])
+def test_resume_just_before_and_at_an_epoch_end_is_exact(k, lspet_shards, tmp_path, reference):
+    """6 batches an epoch: a checkpoint after the epoch's 5th batch, and one after its last (6th), resume
+    to the same losses and weights as the uninterrupted run (step 7, after the end, is the test above).
+    The 6th used to resume by skipping the whole next epoch under the old epoch's seed."""
+    cfg = config(tmp_path, lspet_shards)
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
+    code, out = train(tmp_path, cfg, f"stop.max_steps={k}")
+    assert code == 0, out[-4000:]
+    code, out = train(tmp_path, cfg)
+    assert code == 0, out[-4000:]
+    assert f"resumed at step {k}" in out
+    assert ("skipped the" in out) == (k == 5)  # at the epoch end nothing is left to skip
+    assert_same_as_reference(tmp_path, reference())
+
+
+def test_two_rank_resume_at_an_epoch_end_is_exact(lspet_shards, tmp_path):
+    """2 ranks, 3 batches an epoch per rank: 6 steps uninterrupted against 3 + 3 (the checkpoint at the
+    end of epoch 0), same loss history value for value."""
+    runs = {}
+    for name, stops in (("whole", [6]), ("split", [3, 6])):
+        cfg = config(tmp_path, lspet_shards, run_name=name)
+        for n in stops:
+            cmd = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--master-port", free_port(),
+                   "--config", str(cfg), f"stop.max_steps={n}"]
+            proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        run = client.search_runs(client.get_experiment_by_name("mshg").experiment_id,
+                                 filter_string=f"attributes.run_name = '{name}'")[0]
+        runs[name] = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
+                                                         key=lambda m: m.step)]
+    assert [s for s, _ in runs["whole"]] == list(range(1, 7))
+    assert runs["split"] == runs["whole"]
 
 
 def test_sigusr1_mid_run_checkpoints_exits_75_and_resumes_exactly(lspet_shards, tmp_path, reference):

@@ -236,7 +236,7 @@ def test_default_local_store_and_no_server_at_start(tmp_path):
         t.log_metrics({"loss/stage_1": 1.0, "loss/stage_2": 0.5}, 1)
         t.log_metrics({"loss/stage_1": 0.8, "loss/stage_2": 0.4}, 2)
         t.log_image(np.zeros((8, 8, 3), np.uint8), "predictions/x.png")
-        t.log_loss_curves()
+        t.log_loss_curves(2)
         t.finish()
         print("RUN", t.run_id, t.tracking_uri)
     """

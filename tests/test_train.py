@@ -165,13 +165,15 @@ def test_deepspeed_config_from_train_settings_and_zero_files():
     cfg = load_config(REPO / "configs" / "msc_hg_cpu.yaml", [
         "train.deepspeed=configs/deepspeed/zero3.yaml", "train.global_batch=32", "train.micro_batch=4",
         "train.optimizer=rmsprop", "train.lr=2.5e-4", "train.lr_schedule=cosine", "train.warmup_steps=10",
-        "train.bf16=true", "train.grad_clip=0.5"])
+        "train.precision=bf16", "train.grad_clip=0.5"])
     assert cfg.train.zero_stage == 3  # taken from the file
     ds = deepspeed_config(cfg, world_size=2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
         == (32, 4, 4)
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["contiguous_gradients"]
-    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and ds["gradient_clipping"] == 0.5
+    # mixed precision by autocast: fp32 weights and BatchNorm statistics (not DeepSpeed's bf16 weight cast)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds and "fp16" not in ds
+    assert ds["gradient_clipping"] == 0.5
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 10
     linear = deepspeed_config(load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.lr_schedule=linear"]), 1)
@@ -181,15 +183,19 @@ def test_deepspeed_config_from_train_settings_and_zero_files():
         assert deepspeed_config(c, 2)["zero_optimization"]["stage"] == stage
     with pytest.raises(ConfigError, match="needs train.lr_step_every"):
         load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.lr_schedule=step"])
-    with pytest.raises(ConfigError, match="bf16 and train.fp16 are exclusive"):
-        load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.bf16=true", "train.fp16=true"])
+    assert "torch_autocast" not in deepspeed_config(load_config(REPO / "configs" / "msc_hg_cpu.yaml",
+                                                                ["train.precision=fp32"]), 1)
+    with pytest.raises(ConfigError, match="train.precision must be one of bf16, fp32, fp16"):
+        load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.precision=int8"])
+    with pytest.raises(ConfigError, match="train.bf16"):  # the old key is refused by name
+        load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.bf16=true"])
 
 
 def test_step_schedule_warms_up_then_decays():
     import torch
 
     from pipeline.config import load_config
-    from pipeline.train import make_scheduler
+    from pipeline.schedule import make_scheduler
 
     cfg = load_config(REPO / "configs" / "msc_hg_cpu.yaml", [
         "train.lr_schedule=step", "train.warmup_steps=2", "train.lr_step_every=3", "train.lr_step_gamma=0.5",
@@ -212,7 +218,7 @@ def test_two_rank_zero_stage_trains_checkpoints_resumes_and_exports(stage, lspet
     last = 4 if stage == 3 else 3
     name = f"zero{stage}"
     cfg = tiny_config(tmp_path, lspet_shards, train={
-        "run_name": name, "deepspeed": str(REPO / "configs" / "deepspeed" / f"{name}.yaml"), "bf16": True,
+        "run_name": name, "deepspeed": str(REPO / "configs" / "deepspeed" / f"{name}.yaml"), "precision": "bf16",
         "optimizer": "rmsprop", "lr": 2.5e-4, "lr_schedule": "cosine", "warmup_steps": 2},
         stop={"max_steps": 3})
     env = run_env(tmp_path)
@@ -234,6 +240,7 @@ def test_two_rank_zero_stage_trains_checkpoints_resumes_and_exports(stage, lspet
 
     out = tmp_path / "exported.safetensors"
     assert mshg(["export", "--checkpoint", str(ckpts), "--safetensors", str(out)]) == 0
+    import torch
     from safetensors.torch import load_file
 
     from pipeline.config import load_config
@@ -241,8 +248,9 @@ def test_two_rank_zero_stage_trains_checkpoints_resumes_and_exports(stage, lspet
     exported = load_file(str(out))
     model = build_model(load_config(cfg).model, 14, 64)
     assert exported.keys() == model.state_dict().keys()
-    assert any("running_var" in k for k in exported) and all(v.dtype != __import__("torch").bfloat16
-                                                             for v in exported.values())
+    # bf16 autocast keeps the weights and BatchNorm statistics fp32
+    assert any("running_var" in k for k in exported)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in exported.values())
     trained = load_file(str(tmp_path / "runs" / name / "model.safetensors"))  # exported by the run itself
     assert all((exported[k] == trained[k]).all() for k in exported)
     assert mshg(["evaluate", "--checkpoint", str(out), "--shards", str(lspet_shards["val"])]) == 0

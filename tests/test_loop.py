@@ -1,0 +1,258 @@
+"""The training loop for every setting it accepts: gradient accumulation (one loop turn = one optimizer
+step, trainer step == DeepSpeed's), mixed precision with fp32 BatchNorm statistics, one evaluation
+(training's final metric == `mshg evaluate`), the device choice, the launcher's GPU list, and the data
+order (shuffled at shard time, ranks rotated per epoch). Real shards, real DeepSpeed, real DALI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.cli import main as mshg
+from tests.conftest import REPO, SAMPLE, shard_sample, tiny_config
+from tests.test_train import find_run, free_port, run_env
+
+
+def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(ranks), "--master-port", free_port(),
+               "--config", str(cfg), *overrides]
+    proc = subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def checkpoint_meta(tmp: Path, name: str) -> dict:
+    ckpts = tmp / "runs" / name / "checkpoints"
+    return json.loads((ckpts / (ckpts / "latest").read_text() / "meta.json").read_text())
+
+
+# --- gradient accumulation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ranks,accum", [(1, 2), (1, 3), (2, 2), (2, 3)])
+def test_accumulation_counts_optimizer_steps(ranks, accum, lspet_shards, tmp_path):
+    """train.grad_accum=a, stop.max_steps=3: 3 optimizer steps of a micro-batches each, the trainer's
+    step equal to DeepSpeed's global_steps, the stop/log/checkpoint at step 3 (not after 2a-1
+    micro-batches as before), and 3 logged steps in MLflow. With 2 ranks the accumulation comes
+    from train.global_batch (micro 4 x 2 ranks x a)."""
+    name = f"acc{ranks}{accum}"
+    batch = {"grad_accum": accum} if ranks == 1 else {"global_batch": 4 * ranks * accum}
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": name, "micro_batch": 4, **batch},
+                      stop={"max_steps": 3})
+    proc = train(tmp_path, cfg, ranks=ranks)
+    assert f"batch {4 * ranks * accum} = 4 x {accum} accumulation x {ranks} rank(s)" in proc.stdout
+    meta = checkpoint_meta(tmp_path, name)
+    assert meta["step"] == meta["engine_steps"] == 3
+    assert meta["micro_batches"] == 3 * accum
+    client, run = find_run(tmp_path, name)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3]
+    assert run.data.tags["stopped_at_step"] == "3"
+
+
+ACCUMULATION_PROBE = """if True:
+    import json, sys, torch
+    from pipeline.config import load_config
+    from pipeline.train import Trainer
+    out = {}
+    for name, overrides in (("one", ["train.micro_batch=8"]), ("two", ["train.micro_batch=4", "train.grad_accum=2"])):
+        trainer = Trainer(load_config(sys.argv[1], overrides + [f"train.run_name={name}"]))
+        # BatchNorm's batch statistics differ between 8 samples and two groups of 4 by construction;
+        # fixed statistics isolate what accumulation must preserve: the loss and the update
+        for m in trainer.engine.module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+        losses = [trainer.train_step()[0].item() for _ in range(2)]
+        weights = torch.cat([p.detach().flatten() for p in trainer.engine.module.parameters()])
+        out[name] = {"losses": losses, "weights": weights.tolist()[:2000], "steps": trainer.engine.global_steps}
+    print("RESULT " + json.dumps(out))
+"""
+
+
+def test_accumulation_2x4_equals_micro_batch_8(lspet_shards, tmp_path):
+    """Micro-batch 4 x 2 accumulation steps and micro-batch 8 see the same 8 samples per step (no
+    augmentation, no shuffle) and must give the same loss at step 1, the same update, hence the same
+    loss at step 2 (fp32: to rounding)."""
+    cfg = tiny_config(tmp_path, lspet_shards, train={"precision": "fp32"},
+                      data={"scale_range": [1.0, 1.0], "rotation_prob": 0.0, "flip_prob": 0.0, "color_jitter": 0.0,
+                            "shuffle_buffer": 1})
+    proc = subprocess.run([sys.executable, "-c", ACCUMULATION_PROBE, str(cfg)], cwd=tmp_path, env=run_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    one, two = result["one"], result["two"]
+    assert one["steps"] == two["steps"] == 2
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-4, atol=1e-6)
+    assert one["losses"][0] != one["losses"][1]  # the step changed the weights
+
+
+# --- precision, evaluation --------------------------------------------------------------------------
+
+def test_bf16_keeps_batchnorm_statistics_and_weights_fp32_and_final_metric_is_mshg_evaluate(
+        lspet_shards, tmp_path, capsys):
+    """train.precision=bf16 (the default) trains under autocast: the exported running statistics are
+    fp32 and carry more than bf16's 8-bit mantissa; the run's final PCK (flip test, fp32, the same
+    function) is the number `mshg evaluate` prints for its weights."""
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "bf16", "precision": "bf16"},
+                      stop={"max_steps": 4})
+    train(tmp_path, cfg)
+    weights = load_file(str(tmp_path / "runs" / "bf16" / "model.safetensors"))
+    stats = [v for k, v in weights.items() if k.endswith("running_var")]
+    assert stats and all(v.dtype == torch.float32 for v in stats)
+    values = torch.cat([v.flatten() for v in stats])
+    assert (values != values.bfloat16().float()).float().mean() > 0.5  # not rounded to bf16
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
+
+    client, run = find_run(tmp_path, "bf16")
+    final = run.data.metrics["final/pck"]
+    out = tmp_path / "metrics.json"
+    capsys.readouterr()
+    assert mshg(["evaluate", "--checkpoint", str(tmp_path / "runs" / "bf16"), "--shards", str(lspet_shards["val"]),
+                 "--out", str(out)]) == 0
+    assert "flip test on" in capsys.readouterr().out
+    assert json.loads(out.read_text())["value"] == pytest.approx(final, abs=1e-9)
+
+
+def test_ema_weights_are_what_is_evaluated_checkpointed_and_exported(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "ema", "ema_decay": 0.9}, stop={"max_steps": 3})
+    train(tmp_path, cfg)
+    tag = tmp_path / "runs" / "ema" / "checkpoints" / "step00000003"
+    averaged = load_file(str(tag / "ema.safetensors"))
+    exported = load_file(str(tmp_path / "runs" / "ema" / "model.safetensors"))
+    assert all(torch.equal(exported[k], averaged[k]) for k in exported) and averaged["n_averaged"].item() == 3
+    last = load_file(str(tag / "weights.safetensors"))  # the weights of step 3 themselves
+    conv = next(k for k in exported if k.endswith("conv2.weight"))
+    assert not torch.equal(last[conv], exported[conv])  # the average, not the last weights
+    # resuming continues the average from the checkpoint
+    proc = train(tmp_path, cfg, "stop.max_steps=4")
+    assert "resumed at step 3" in proc.stdout
+
+
+# --- device and launcher ------------------------------------------------------------------------------
+
+def test_cuda_without_cuda_is_a_clear_error_and_auto_says_what_it_chose(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "dev", "device": "cuda"})
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--config", str(cfg)],
+                          cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.device=cuda, but CUDA is not available" in proc.stderr
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "runs").exists()  # no rank started
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(cfg)], cwd=tmp_path,
+                          env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.device=cuda, but CUDA is not available" in proc.stderr
+    proc = train(tmp_path, cfg, "train.device=auto", "stop.max_steps=1")
+    assert "train.device=auto: cpu (" in proc.stdout and "no GPU: training on the CPU over gloo" in proc.stdout
+
+
+def test_launcher_takes_the_gpus_cuda_visible_devices_names():
+    from pipeline.config import ConfigError
+    from pipeline.distributed import gpu_index, launcher_devices
+
+    assert launcher_devices(2, {"CUDA_VISIBLE_DEVICES": "4,5,6"}) == ["--include", "localhost:4,5"]
+    assert launcher_devices(2, {}) == ["--num_gpus", "2"]
+    assert launcher_devices(2, {"CUDA_VISIBLE_DEVICES": "4,5", "DS_ACCELERATOR": "cpu"}) == ["--num_gpus", "2"]
+    with pytest.raises(ConfigError, match="names 1 GPU"):
+        launcher_devices(2, {"CUDA_VISIBLE_DEVICES": "3"})
+    assert gpu_index(3, visible=1) == 0  # the site bound one GPU to this task
+    assert gpu_index(3, visible=8) == 3  # every task sees the node's GPUs
+    with pytest.raises(ConfigError, match="LOCAL_RANK=3, but this task sees 2 GPU"):
+        gpu_index(3, visible=2)
+
+
+def test_launch_script_honours_cuda_visible_devices(tmp_path):
+    """launch/deepspeed.sh on a GPU node with CUDA_VISIBLE_DEVICES: --include, not --num_gpus (which
+    would drop it). A stand-in nvidia-smi and deepspeed on PATH show the command it runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: A'\necho 'GPU 1: B'\n")
+    (bin_dir / "deepspeed").write_text("#!/bin/sh\necho \"LAUNCH $*\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    root = tmp_path / "repo"  # a copy without .venv, so the stand-in deepspeed on PATH is used
+    (root / "launch").mkdir(parents=True)
+    (root / "launch" / "deepspeed.sh").write_text((REPO / "launch" / "deepspeed.sh").read_text())
+    script = str(root / "launch" / "deepspeed.sh")
+    out = subprocess.run(["bash", script, str(cfg)], env={**env, "CUDA_VISIBLE_DEVICES": "2,3"},
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "LAUNCH --include localhost:2,3 --module pipeline.train" in out
+    out = subprocess.run(["bash", script, "--num_gpus", "1", str(cfg)], env={**env, "CUDA_VISIBLE_DEVICES": "2,3"},
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "LAUNCH --include localhost:2 --module" in out
+    out = subprocess.run(["bash", script, str(cfg)], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "LAUNCH --num_gpus 2 --module" in out
+
+
+def test_missing_shards_are_an_error_before_any_rank_starts(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, data={"train_shards": str(tmp_path / "nowhere")})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--config", str(cfg)],
+                          cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}: no such shard directory" in proc.stderr
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="data.train_shards is not set"):
+        load_config(None, ["model.channels=8"])
+    for config in ("msc_hg.yaml", "stacked_hg8.yaml", "msc_hg_cpu.yaml", "lspet_cpu.yaml"):
+        assert load_config(REPO / "configs" / config).data.train_shards  # every config names its data
+
+
+# --- data order ----------------------------------------------------------------------------------------
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+@pytest.mark.parametrize("order", ["shuffled", "source"])
+def test_training_batches_do_not_follow_dataset_order(order, tmp_path):
+    """The sharder shuffles (seeded) by default: the sample ids a rank trains on, in the order it
+    draws them, are uncorrelated with dataset order. Written in source order they are not (DALI
+    shuffles only within its buffer): the test can tell the two apart."""
+    from pipeline.config import DataConfig
+    from pipeline.data import ShardSet, TrainBatches
+
+    out = tmp_path / order
+    assert mshg(["shard", "lspet", "--root", str(SAMPLE), "--out", str(out), "--range", "1:200", "--maxcount", "50",
+                 "--order", order, "--quiet"]) == 0
+    cfg = DataConfig(train_shards=str(out), input_size=64, num_threads=1, shuffle_buffer=16)
+    batches = TrainBatches(ShardSet.open(out), cfg, 8, rank=0, world_size=2, device_id=None)
+    ids = [int(i) for _ in range(12) for i in batches.next()[0]["sample_id"].view(-1)]
+    rho = spearman(range(len(ids)), ids)
+    if order == "shuffled":
+        assert abs(rho) < 0.3, rho
+    else:
+        assert rho > 0.6, rho
+
+
+def test_ranks_rotate_over_the_shards_each_epoch(lspet_shards):
+    """Epoch e, rank r reads the reader shard (r + e) % world_size: rank 0's second epoch is over the
+    samples rank 1 had in the first, so no rank trains on half of the data only."""
+    from pipeline.config import DataConfig
+    from pipeline.data import ShardSet, TrainBatches
+
+    shards = ShardSet.open(lspet_shards["train"])  # 48 samples, micro-batch 8, 2 ranks: 3 batches per epoch
+    cfg = DataConfig(train_shards=str(lspet_shards["train"]), input_size=64, num_threads=1, shuffle_buffer=16)
+
+    def epochs(rank):
+        b = TrainBatches(shards, cfg, 8, rank=rank, world_size=2, device_id=None)
+        seen = [set(), set()]
+        while b.epoch < 2:
+            e = b.epoch
+            seen[e].update(int(i) for i in b.next()[0]["sample_id"].view(-1))
+        return seen
+
+    r0, r1 = epochs(0), epochs(1)
+    assert r0[0] == r1[1] and r1[0] == r0[1] and not r0[0] & r1[0]
+    assert len(r0[0] | r1[0]) == 48

@@ -1,0 +1,288 @@
+"""Faults and bad inputs, tried as a demanding user would: each gets a clear line and a truthful MLflow
+status, never a traceback, a silent success, or code run from a file. 1-rank runs of the tiny config on
+real shards unless a case needs 2 ranks."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main as mshg
+from tests.conftest import REPO, SAMPLE, tiny_config
+from tests.test_train import free_port, run_env
+
+
+def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1, timeout: int = 600):
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(ranks), "--master-port", free_port(),
+               "--config", str(cfg), *overrides]
+    return subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_run(tmp: Path, name: str):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
+                              filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, *options: str):
+    """A real small filesystem (root only): `no space left on device` and read-only for real."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"needs root to mount a tmpfs ({mounted.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# --- failures are recorded and explained -------------------------------------------------------------
+
+def test_nan_loss_is_one_line_and_a_failed_run(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "nan", "lr": 1e12, "grad_clip": 0.0,
+                                                      "checkpoint_every": 1}, stop={"max_steps": 30})
+    proc = train(tmp_path, cfg)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    line = re.search(r"error: (loss is \w+ at step (\d+): training diverged; the last good checkpoint is \S+)", proc.stderr)
+    assert line and "train.lr" in proc.stderr, proc.stderr[-2000:]
+    run = mlflow_run(tmp_path, "nan")
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("FloatingPointError: loss is")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_truncated_tar_names_the_shard_and_fails_the_run(ranks, lspet_shards, tmp_path):
+    shards = copy_shards(lspet_shards["train"], tmp_path / "shards")
+    tar = shards / "shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])  # the index still lists what was cut off
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": f"cut{ranks}", "micro_batch": 4},
+                      data={"train_shards": str(shards)}, stop={"max_steps": 30})
+    proc = train(tmp_path, cfg, ranks=ranks)
+    assert proc.returncode != 0
+    assert "shard-000000.tar" in proc.stdout + proc.stderr
+    run = mlflow_run(tmp_path, f"cut{ranks}")
+    assert run.info.status == "FAILED", run.info.status
+    assert run.data.tags.get("error")
+
+
+def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "int"}, stop={"max_steps": 300})
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, started = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"step +2 epoch", line):
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(300), "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 75, "".join(lines)[-3000:]
+    out = "".join(lines)
+    assert "Ctrl-C: checkpointing" in out and "written" in out
+    run = mlflow_run(tmp_path, "int")
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "signal"
+    step = int(run.data.tags["stopped_at_step"])
+    assert (tmp_path / "runs" / "int" / "checkpoints" / "latest").read_text() == f"step{step:08d}"
+    # a second Ctrl-C while the first is being acted on: out at once, recorded as KILLED
+    proc = subprocess.Popen(cmd + ["stop.max_steps=400"], cwd=tmp_path, env=run_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, started = [], threading.Event()
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(300) or any("resumed" in x for x in lines)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(120)
+    assert code in (75, 130), "".join(lines)[-3000:]  # 75 only if the step ended between the two signals
+    assert mlflow_run(tmp_path, "int").info.status == "KILLED"
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this runs a command: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_runs_no_code_on_resume_or_export(lspet_shards, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "evil"}, stop={"max_steps": 2})
+    assert train(tmp_path, cfg).returncode == 0
+    tag = tmp_path / "runs" / "evil" / "checkpoints" / "step00000002"
+    marker = tmp_path / "pwned"
+    with open(tag / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump(Payload(marker), f)
+    proc = train(tmp_path, cfg, "stop.max_steps=3")
+    assert proc.returncode == 2 and "changed since the checkpoint was written" in proc.stderr
+    assert not marker.exists()
+    # export reads weights.safetensors: no pickle at all, the tampered file is not touched
+    out = tmp_path / "w.safetensors"
+    assert mshg(["export", "--checkpoint", str(tag), "--safetensors", str(out)]) == 0 and out.is_file()
+    assert not marker.exists()
+    # a foreign checkpoint (signed with another key) is refused before DeepSpeed unpickles it
+    (tmp_path / "other.key").write_bytes(os.urandom(32))
+    env = {**run_env(tmp_path), "MSHG_CHECKPOINT_KEY": str(tmp_path / "other.key")}
+    shutil.copytree(tmp_path / "runs" / "evil", tmp_path / "runs" / "foreign")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(cfg), "train.run_name=foreign",
+                           "stop.max_steps=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "signed with another key" in proc.stderr
+    assert not marker.exists()
+
+
+def test_empty_checkpoint_file_is_named_on_resume(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "empty"}, stop={"max_steps": 2})
+    assert train(tmp_path, cfg).returncode == 0
+    tag = tmp_path / "runs" / "empty" / "checkpoints" / "step00000002"
+    victim = next(tag.glob("*optim_states.pt"))
+    victim.write_bytes(b"")
+    proc = train(tmp_path, cfg, "stop.max_steps=3")
+    assert proc.returncode == 2 and victim.name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(lspet_shards, tmp_path):
+    with tmpfs(tmp_path / "disk", "24m") as disk:
+        cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "full", "out_dir": str(disk / "runs")},
+                          stop={"max_steps": 2})
+        assert train(tmp_path, cfg).returncode == 0
+        ckpts = disk / "runs" / "full" / "checkpoints"
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 100_000))  # leave less than one checkpoint
+        proc = train(tmp_path, cfg, "stop.max_steps=4", "train.checkpoint_every=1")
+        assert proc.returncode == 1 and "no space left on device while writing checkpoint" in proc.stderr, \
+            proc.stderr[-3000:]
+        assert "kept" in proc.stderr and "Traceback" not in proc.stderr
+        assert not list(ckpts.glob(".partial-*"))
+        assert (ckpts / "latest").read_text() == "step00000002"
+        assert mlflow_run(tmp_path, "full").info.status == "FAILED"
+
+
+def test_refused_resume_changes_nothing_of_the_run(lspet_shards, tmp_path):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "keep"}, stop={"max_steps": 2})
+    assert train(tmp_path, cfg).returncode == 0
+    saved = (tmp_path / "runs" / "keep" / "config.yaml").read_text()
+    proc = train(tmp_path, cfg, "train.micro_batch=2", "stop.max_steps=3")  # another batch: refused
+    assert proc.returncode == 2 and "cannot resume exactly" in proc.stderr
+    assert (tmp_path / "runs" / "keep" / "config.yaml").read_text() == saved
+
+
+# --- inputs checked before the work -------------------------------------------------------------------
+
+def test_validation_shards_of_another_joint_set_fail_before_training(lspet_shards, tmp_path):
+    other = copy_shards(lspet_shards["val"], tmp_path / "other")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(dataset="mpii", joints=[f"j{i}" for i in range(16)])
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_config(tmp_path, lspet_shards, data={"val_shards": str(other)})
+    t0 = time.monotonic()
+    for ranks in (1, 2):
+        proc = train(tmp_path, cfg, ranks=ranks)
+        assert proc.returncode == 2 and "has other joints than data.train_shards" in proc.stderr
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "runs").exists()
+
+
+def test_read_only_out_dir_unwritable_outputs_and_bad_weights_are_lines(lspet_shards, tmp_path, capsys):
+    with tmpfs(tmp_path / "ro", "1m", "ro") as ro:
+        cfg = tiny_config(tmp_path, lspet_shards, train={"out_dir": str(ro / "runs")})
+        proc = train(tmp_path, cfg)
+        assert proc.returncode == 2 and "train.out_dir: cannot write" in proc.stderr and "Traceback" not in proc.stderr
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"PK\x03\x04 this is a zip, not weights")
+    image = str(SAMPLE / "images" / "im00161.jpg")
+    assert mshg(["predict", "--checkpoint", str(garbage), "--out", str(tmp_path / "p.json"), image]) == 2
+    assert "not a safetensors weights file" in capsys.readouterr().err
+    t0 = time.monotonic()
+    assert mshg(["predict", "--checkpoint", str(garbage), "--out", str(tmp_path / "no" / "p.json"), image]) == 2
+    assert "folder" in capsys.readouterr().err and time.monotonic() - t0 < 5  # before loading anything
+    assert mshg(["evaluate", "--checkpoint", str(garbage), "--shards", str(lspet_shards["val"]),
+                 "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    from pipeline.config import ConfigError, load_config
+    for bad in ("train.lr=nan", "stop.max_minutes=-1", "train.ema_decay=1.5", "eval.modules=[9]"):
+        with pytest.raises(ConfigError):
+            load_config(REPO / "configs" / "msc_hg_cpu.yaml", [bad])
+
+
+def test_evaluate_on_a_truncated_tar_is_a_line(lspet_shards, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "w"}, stop={"max_steps": 1})
+    assert train(tmp_path, cfg, "data.val_shards=").returncode == 0
+    shards = copy_shards(lspet_shards["val"], tmp_path / "val")
+    tar = shards / "shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    code = mshg(["evaluate", "--checkpoint", str(tmp_path / "runs" / "w"), "--shards", str(shards)])
+    err = capsys.readouterr().err
+    assert code == 1 and "shard-000000.tar" in err and "Traceback" not in err
+
+
+def test_runs_against_an_unreachable_server_is_quick_and_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "--tracking-uri", f"http://127.0.0.1:{port}"],
+                          cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30
+    assert "cannot read runs from http://127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_rank_run_listens_on_no_network_port(lspet_shards, tmp_path):
+    import psutil
+
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "ports"}, stop={"max_steps": 400})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", str(cfg)], cwd=tmp_path,
+                            env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if re.search(r"step +2 epoch", line):
+                break
+        listening = [c for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
+        assert not listening, listening
+    finally:
+        proc.kill()
+        proc.wait(60)
+
+
+def test_verify_flags_a_jpeg_cut_short_with_a_fake_end_marker(tmp_path, capsys):
+    root = tmp_path / "lspet"
+    shutil.copytree(SAMPLE, root)
+    victim = root / "images" / "im00003.jpg"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    out = tmp_path / "out"
+    assert mshg(["shard", "lspet", "--root", str(root), "--range", "1:5", "--out", str(out), "--quiet"]) == 0
+    assert mshg(["verify", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "lspet_000003" in err and "premature end of data segment" in err
