@@ -2,9 +2,11 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch 2.13.0 is what these machines were measured with (a CPU build lies on their disk); on a GPU
-# cluster install your own CUDA torch first and run `make setup TORCH=` to keep it.
-TORCH  ?= torch==2.13.0
+# torch 2.13.0 is what these machines were measured with (a CPU build lies on their disk). A CUDA
+# build of torch already in the venv (a GPU node: install yours first) is detected and kept.
+TORCH  ?= $(shell $(BIN)/python -c 'import torch; print("" if torch.version.cuda else "torch==2.13.0")' 2>/dev/null || echo torch==2.13.0)
+# DALI for the machine's CUDA: cuda12 (also the CPU-only machines' choice) or cuda13
+DALI   ?= cuda12
 SHARDS := runs/shards
 CONFIG ?= configs/msc_hg_cpu.yaml
 RANKS  ?= 2
@@ -17,8 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)",@echo "keeping the CUDA build of torch in $(VENV)")
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(DALI),test]"
 	touch $@
 
 # Shard the embedded LSPET sample: images 1-160 train, 161-200 held apart for validation.

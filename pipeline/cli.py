@@ -107,7 +107,9 @@ def cmd_export(args) -> int:
 def cmd_runs(args) -> int:
     from pipeline.track import print_runs
 
-    return print_runs(args.experiment, args.limit, args.tracking_uri)
+    if args.compare is not None and len(args.compare) < 2:
+        raise ValueError("--compare needs two or more runs (names or ids)")
+    return print_runs(args.experiment, args.limit, args.tracking_uri, args.compare)
 
 
 def cmd_model_info(args) -> int:
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
+    p.add_argument("--modules", default=None, metavar="M,N,...",
+                   help="decode from the mean of these modules' heatmaps (1-based) instead of the run's eval.modules")
     p.add_argument("--photos", choices=("boxes", "bare"), default=None,
                    help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
                         "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="mshg")
     p.add_argument("-n", "--limit", type=int, default=20, help="how many runs, newest first")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RUN",
+                   help="print the config differences and final metrics of these runs (names or ids)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("model-info", help="parameter count and FLOPs of configs")

@@ -33,9 +33,23 @@ class ModelConfig:
 
 
 @dataclass
+class ExtraSet:
+    """Another shard set trained on in the same batches as data.train_shards (e.g. MPII beside LSP)."""
+    shards: str = ""
+    weight: float = 1.0  # its share of every micro-batch, against data.train_weight
+    # the model's joints (those of data.train_shards) -> this set's joint names. Joints of the same name
+    # map by themselves; a model joint this set does not label stays unlabelled (weight 0, never background)
+    joints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""  # a directory written by `mshg shard`: every config names its dataset
-    val_shards: str = ""  # optional: evaluated during and after training
+    val_shards: str = ""  # optional: evaluated during and after training (the joints of train_shards)
+    # more datasets mixed into every micro-batch by weight (train_shards has data.train_weight); their
+    # joints are mapped onto train_shards' joint set, which is the model's
+    extra_sets: list[ExtraSet] = field(default_factory=list)
+    train_weight: float = 1.0
     input_size: int = 256
     padding: float = 1.25  # crop side = padding * max(box w, box h)
     # augmentation (train only; validation is the deterministic crop)
@@ -109,6 +123,9 @@ class TrainConfig:
     # if the run already has checkpoints; require: refuse to start without one
     resume: str = "auto"
     experiment: str = "mshg"
+    # the final model as an MLflow model (mlflow.pytorch, pt2) and its ONNX export, for the model registry:
+    # 10-20 s of CPU after the run's summary is written
+    log_model: bool = True
 
 
 @dataclass
@@ -139,6 +156,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"config file not found: {path}")
             base = OmegaConf.merge(base, OmegaConf.load(path))
         if overrides:
+            # `key=` means the empty value (e.g. data.val_shards= : no validation), not null
+            overrides = [f"{o}''" if o.endswith("=") else o for o in overrides]
             base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}") from None
@@ -206,6 +225,11 @@ def validate(cfg: Config) -> None:
                           "stop.max_minutes must be finite numbers")
     if s.max_minutes < 0:
         raise ConfigError(f"stop.max_minutes must be >= 0 (0: no time limit); got {s.max_minutes}")
+    if d.train_weight <= 0 or any(x.weight <= 0 or not x.shards for x in d.extra_sets):
+        raise ConfigError("data.train_weight and every data.extra_sets weight must be > 0, and every extra set "
+                          "needs its shards")
+    if d.extra_sets:
+        mix_sizes(t.micro_batch, [d.train_weight] + [x.weight for x in d.extra_sets])
     if not 0 <= d.whole_image_prob <= 1:
         raise ConfigError(f"data.whole_image_prob must be in [0, 1]; got {d.whole_image_prob}")
     modules = sum(n for _, n in m.stages)
@@ -255,6 +279,20 @@ def batch_plan(t: TrainConfig, world_size: int, check_world: bool = True) -> tup
                           f"rank(s) x {accum} accumulation steps, but train.grad_accum={t.grad_accum}: "
                           f"set only one of train.global_batch and train.grad_accum")
     return t.global_batch, t.micro_batch, accum
+
+
+def mix_sizes(micro_batch: int, weights: list[float]) -> list[int]:
+    """How many samples of each dataset a micro-batch holds: proportional to the weights (largest
+    remainder), every set at least one. The same in every batch, so the mix is exact and resumable."""
+    total = sum(weights)
+    raw = [micro_batch * w / total for w in weights]
+    sizes = [int(r) for r in raw]
+    for k in sorted(range(len(raw)), key=lambda k: raw[k] - sizes[k], reverse=True)[:micro_batch - sum(sizes)]:
+        sizes[k] += 1
+    if min(sizes) < 1:
+        raise ConfigError(f"train.micro_batch={micro_batch} cannot give every dataset of the mix (weights "
+                          f"{weights}) a sample per batch: raise train.micro_batch or the smallest weight")
+    return sizes
 
 
 def read_deepspeed_file(path: str | Path) -> dict:

@@ -21,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as e:  # the extra that matches the machine's CUDA was not installed
+    raise ImportError(f"NVIDIA DALI is missing ({e}): pip install -e '.[cuda12]' (CUDA 12, and CPU-only "
+                      f"machines) or -e '.[cuda13]' (CUDA 13)") from None
 
 from pipeline.config import DataConfig
 
@@ -42,6 +47,8 @@ class ShardSet:
     joints: list[str]
     flip_pairs: list[list[int]]
     dataset: str
+    skeleton: list[list[int]]
+    oks_sigmas: list[float]
 
     @classmethod
     def open(cls, root: str | Path) -> "ShardSet":
@@ -57,8 +64,18 @@ class ShardSet:
         for path in tars + indexes:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: listed in {manifest_path} but missing")
+        for path, shard in zip(tars, m["shards"]):  # a stat: catches a cut or replaced tar before DALI does
+            size = Path(path).stat().st_size
+            if "bytes" in shard and size != shard["bytes"]:
+                raise ValueError(f"{path}: {size} bytes, but {manifest_path} says {shard['bytes']}: the tar was cut "
+                                 f"short or replaced; run `mshg verify {root}` and re-shard")
+        if not int(m["num_samples"]):
+            raise ValueError(f"{manifest_path}: the shard set holds no samples (see its skip report)")
+        from pipeline.plots import skeleton_for
+
         return cls(root, tars, indexes, int(m["num_samples"]), list(m["joints"]),
-                   [list(p) for p in m["flip_pairs"]], m.get("dataset", "unknown"))
+                   [list(p) for p in m["flip_pairs"]], m.get("dataset", "unknown"),
+                   [list(p) for p in m.get("skeleton") or skeleton_for(len(m["joints"]))], list(m.get("oks_sigmas") or []))
 
     def flip_permutation(self) -> list[int]:
         return flip_permutation(len(self.joints), self.flip_pairs)
@@ -326,6 +343,63 @@ def unpack(batch: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
     """DALI's batch -> tensors on the training device (images stay uint8 HWC until normalised)."""
     b = batch[0]
     return {k: b[k].to(device, non_blocking=True) for k in OUTPUTS}
+
+
+def joint_map(model_joints: list[str], set_joints: list[str], names: dict[str, str], where: str) -> list[int]:
+    """For each model joint, the index of the set's joint it is (by `names`, else by the same name), or
+    -1 when the set does not label it."""
+    bad = sorted(set(names) - set(model_joints)) + sorted(set(names.values()) - set(set_joints))
+    if bad:
+        raise ValueError(f"{where}: joints {bad} are not among the model's {model_joints} / the set's {set_joints}")
+    index = {n: i for i, n in enumerate(set_joints)}
+    out = [index.get(names.get(j, j), -1) for j in model_joints]
+    if max(out) < 0:
+        raise ValueError(f"{where}: none of the set's joints {set_joints} maps onto the model's {model_joints}; "
+                         f"map them with data.extra_sets[].joints (model joint: set joint)")
+    return out
+
+
+class MixedBatches:
+    """Training micro-batches from one shard set, or from several mixed by weight in every batch:
+    `sizes[k]` samples of set k (config.mix_sizes), each set's keypoints put in the model's joint order
+    (`maps[k]`, -1: not labelled by that set, so unlabelled, never background). Set 0 (data.train_shards)
+    is the run's: its epochs are the run's epochs. `next()` gives the batch as tensors on `device`."""
+
+    def __init__(self, streams: list["TrainBatches"], maps: list[list[int] | None], device: torch.device):
+        self.streams, self.maps, self.device = streams, maps, device
+
+    @property
+    def epoch(self) -> int:
+        return self.streams[0].epoch
+
+    @property
+    def position(self) -> int:
+        return self.streams[0].position
+
+    @property
+    def drawn(self) -> int:
+        return self.streams[0].drawn
+
+    def next(self) -> dict[str, torch.Tensor]:
+        parts = [unpack(s.next(), self.device) for s in self.streams]
+        for part, m in zip(parts, self.maps):
+            if m is not None:
+                index = torch.tensor([max(i, 0) for i in m], device=self.device)
+                known = torch.tensor([i >= 0 for i in m], device=self.device)[None, :, None]
+                part["keypoints"] = torch.where(known, part["keypoints"][:, index], torch.zeros(()))
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def state_dict(self) -> dict:
+        return {**self.streams[0].state_dict(), "sets": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        sets = state.get("sets", [state])
+        if len(sets) != len(self.streams):
+            raise ValueError(f"the checkpoint mixes {len(sets)} dataset(s), the config {len(self.streams)}")
+        for s, st in zip(self.streams, sets):
+            s.load_state_dict(st)
 
 
 def to_model_input(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:

@@ -146,7 +146,8 @@ def pckh(pred: np.ndarray, gt: np.ndarray, head_boxes: np.ndarray, threshold: fl
             "left_out": int((~has_head).sum())}
 
 
-def coco_keypoint_eval(pred: np.ndarray, gt: np.ndarray, metas: list[dict], joints: list[str]) -> dict:
+def coco_keypoint_eval(pred: np.ndarray, gt: np.ndarray, metas: list[dict], joints: list[str],
+                       oks_sigmas: list[float] | None = None) -> dict:
     """COCO keypoint AP/AR with pycocotools (not re-implemented). pred (N, J, 3): x, y in original
     pixels and a peak score; gt (N, J, 3) original pixels with v; metas: each sample's shard
     metadata (image_id, bbox, area). The ground truth is the shard set's persons; each prediction
@@ -157,8 +158,8 @@ def coco_keypoint_eval(pred: np.ndarray, gt: np.ndarray, metas: list[dict], join
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if len(joints) != 17:
-        raise ValueError(f"COCO OKS needs the 17 COCO keypoints; this set has {len(joints)}")
+    if oks_sigmas is None and len(joints) != 17:
+        raise ValueError(f"COCO OKS needs per-joint sigmas for {len(joints)} joints (the manifest's oks_sigmas)")
     images, annotations, detections = {}, [], []
     for k, (p, g, m) in enumerate(zip(pred, gt, metas)):
         image_id = int(m.get("image_id", m.get("idx", k)))
@@ -180,6 +181,8 @@ def coco_keypoint_eval(pred: np.ndarray, gt: np.ndarray, metas: list[dict], join
         coco.createIndex()
         dt = coco.loadRes(detections)
         ev = COCOeval(coco, dt, "keypoints")
+        if oks_sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(oks_sigmas, np.float64)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -231,9 +234,13 @@ def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: E
     return results
 
 
-def metric_kind(dataset: str) -> str:
-    """The metric a dataset is reported with: pck (LSP/LSPET and unknown), pckh (MPII), coco."""
-    return {"mpii": "pckh", "coco": "coco"}.get(str(dataset).lower(), "pck")
+def metric_kind(dataset: str, oks_sigmas=()) -> str:
+    """The metric a dataset is reported with: pckh (MPII), pck (LSP/LSPET), coco (COCO and every
+    COCO-format set, whose manifest carries OKS sigmas); pck otherwise."""
+    name = str(dataset).lower()
+    if name in ("mpii", "coco", "lsp", "lspet"):
+        return {"mpii": "pckh", "coco": "coco"}.get(name, "pck")
+    return "coco" if oks_sigmas else "pck"
 
 
 _METADATA_CACHE: dict[tuple, dict[int, dict]] = {}
@@ -272,7 +279,7 @@ def summarise(results: dict[int, tuple], shards=None, metadata: dict[int, dict] 
     ids = sorted(results)
     pred = np.stack([results[i].pred for i in ids])
     gt = np.stack([results[i].gt for i in ids])
-    kind = metric_kind(shards.dataset) if shards is not None else "pck"
+    kind = metric_kind(shards.dataset, getattr(shards, "oks_sigmas", ())) if shards is not None else "pck"
     if kind == "pck":
         out = pck(pred, gt)
         out.update(metric="pck", value=out["pck"])
@@ -285,7 +292,8 @@ def summarise(results: dict[int, tuple], shards=None, metadata: dict[int, dict] 
             out = pckh(pred_o, gt_o, heads)
             out.update(metric="pckh", value=out["pckh"])
         else:
-            out = coco_keypoint_eval(pred_o, gt_o, [metadata[i] for i in ids], shards.joints)
+            out = coco_keypoint_eval(pred_o, gt_o, [metadata[i] for i in ids], shards.joints,
+                                     getattr(shards, "oks_sigmas", ()) or None)
             out.update(metric="coco/AP", value=out["ap"], per_joint=[])
     out["kind"] = kind
     out["samples"] = len(ids)
@@ -388,6 +396,15 @@ def main(args) -> int:
     if len(shards.joints) != len(meta["joints"]):
         raise SystemExit(f"{args.shards}: {len(shards.joints)} joints, but the model predicts {len(meta['joints'])}")
     eval_cfg = dataclasses.replace(cfg.eval, flip=cfg.eval.flip and not getattr(args, "no_flip", False))
+    if getattr(args, "modules", None):
+        try:
+            modules = [int(m) for m in args.modules.split(",")]
+        except ValueError:
+            raise ValueError(f"--modules {args.modules}: expected module numbers, e.g. 6,7,8") from None
+        if not all(1 <= m <= len(model.strides) for m in modules):
+            raise ValueError(f"--modules {args.modules}: the model has modules 1..{len(model.strides)}")
+        eval_cfg = dataclasses.replace(eval_cfg, modules=modules)
+        cfg = dataclasses.replace(cfg, eval=eval_cfg)
     photos = getattr(args, "photos", None)
     if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
         flip = shards.flip_permutation() if eval_cfg.flip else None

@@ -25,7 +25,7 @@ def skeleton_for(num_joints: int) -> list[tuple[int, int]]:
 
 
 def draw_skeleton(image: np.ndarray, keypoints: np.ndarray, colour=PRED_COLOUR, thickness: int = 2,
-                  labelled: np.ndarray | None = None) -> np.ndarray:
+                  labelled: np.ndarray | None = None, skeleton=None) -> np.ndarray:
     """A copy of the RGB uint8 image with the joints (x, y in its 0-based pixels) and limbs drawn.
     `labelled` (J,) bool: joints to leave out (e.g. unlabelled ground truth)."""
     out = np.ascontiguousarray(image.copy())
@@ -33,7 +33,7 @@ def draw_skeleton(image: np.ndarray, keypoints: np.ndarray, colour=PRED_COLOUR, 
     ok = np.isfinite(pts).all(1) if labelled is None else (np.asarray(labelled, bool) & np.isfinite(pts).all(1))
     shift = 4  # sub-pixel drawing
     ipts = np.round(pts * (1 << shift)).astype(np.int64) if ok.any() else None
-    for a, b in skeleton_for(len(pts)):
+    for a, b in skeleton if skeleton is not None else skeleton_for(len(pts)):
         if ok[a] and ok[b]:
             cv2.line(out, tuple(int(v) for v in ipts[a]), tuple(int(v) for v in ipts[b]), colour, thickness,
                      cv2.LINE_AA, shift)
@@ -42,7 +42,7 @@ def draw_skeleton(image: np.ndarray, keypoints: np.ndarray, colour=PRED_COLOUR, 
     return out
 
 
-def prediction_grid(results: dict, columns: int = 4, tile: int = 192) -> np.ndarray | None:
+def prediction_grid(results: dict, columns: int = 4, tile: int = 192, skeleton=None) -> np.ndarray | None:
     """Results of `evaluate.evaluate_loader` ({sample id: SampleResult}) -> one RGB image: every kept
     crop (sorted by sample id) with the ground truth (green) and the prediction (red) drawn, `tile` px
     a side."""
@@ -55,8 +55,8 @@ def prediction_grid(results: dict, columns: int = 4, tile: int = 192) -> np.ndar
         zoom = tile / crop.shape[1]
         image = cv2.resize(crop, (tile, tile), interpolation=cv2.INTER_LINEAR)
         # crop coordinates are continuous: pixel centre of index i is i + 0.5
-        image = draw_skeleton(image, gt[:, :2] * zoom - 0.5, TRUTH_COLOUR, 1, labelled=gt[:, 2] > 0)
-        image = draw_skeleton(image, pred[:, :2] * zoom - 0.5, PRED_COLOUR, 2)
+        image = draw_skeleton(image, gt[:, :2] * zoom - 0.5, TRUTH_COLOUR, 1, labelled=gt[:, 2] > 0, skeleton=skeleton)
+        image = draw_skeleton(image, pred[:, :2] * zoom - 0.5, PRED_COLOUR, 2, skeleton=skeleton)
         cv2.putText(image, str(sid), (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(image)
     rows = -(-len(tiles) // columns)

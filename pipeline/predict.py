@@ -57,11 +57,11 @@ def overlay_path(directory: Path, image_path: str, taken: set[str]) -> Path:
     return directory / name
 
 
-def write_overlay(path: Path, image: np.ndarray, keypoints: list) -> None:
+def write_overlay(path: Path, image: np.ndarray, keypoints: list, skeleton=None) -> None:
     from pipeline.plots import draw_skeleton
 
     side = max(image.shape[:2])
-    drawn = draw_skeleton(image, np.asarray(keypoints)[:, :2], thickness=max(2, round(side / 250)))
+    drawn = draw_skeleton(image, np.asarray(keypoints)[:, :2], thickness=max(2, round(side / 250)), skeleton=skeleton)
     if not cv2.imwrite(str(path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
         raise OSError(f"{path}: cannot write the overlay image")
 
@@ -137,7 +137,7 @@ def main(args) -> int:
         for name, kps, image in zip(names, keypoints.tolist(), images):
             predictions.append({"image": name, "keypoints": kps})
             if overlay_dir:
-                write_overlay(overlay_path(overlay_dir, name, taken), image, kps)
+                write_overlay(overlay_path(overlay_dir, name, taken), image, kps, meta["skeleton"])
     Path(args.out).write_text(json.dumps({"joints": meta["joints"], "predictions": predictions}, indent=1))
     print(f"wrote {len(predictions)} predictions to {args.out}"
           + (f"; {len(failed)} image(s) could not be read: {', '.join(failed)}" if failed else ""))

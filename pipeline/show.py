@@ -34,10 +34,8 @@ def joint_colours(joints: list[str]) -> list[tuple[int, int, int]]:
 
 
 def draw_tile(image: np.ndarray, keypoints: np.ndarray, weights: np.ndarray, heatmap: np.ndarray,
-              joints: list[str], caption: str, scale: int) -> np.ndarray:
+              joints: list[str], caption: str, scale: int, skeleton=()) -> np.ndarray:
     """One crop (uint8 HWC) with heatmap, skeleton and marks, enlarged `scale` times for legibility."""
-    from pipeline.plots import skeleton_for
-
     size = image.shape[0]
     out = cv2.resize(image, (size * scale, size * scale), interpolation=cv2.INTER_NEAREST)
     hm = cv2.resize(np.clip(heatmap.max(0), 0, 1), (size * scale, size * scale), interpolation=cv2.INTER_LINEAR)
@@ -48,7 +46,7 @@ def draw_tile(image: np.ndarray, keypoints: np.ndarray, weights: np.ndarray, hea
     shift = 4
     ip = lambda p: tuple(int(round(v * (1 << shift))) for v in p)  # noqa: E731
     inside = weights > 0
-    for a, b in skeleton_for(len(joints)):
+    for a, b in skeleton:
         if inside[a] and inside[b]:
             limb = colours[a] if colours[a] == colours[b] else CENTRE  # hips, shoulders, neck: centre
             cv2.line(out, ip(pts[a]), ip(pts[b]), limb, max(1, scale), cv2.LINE_AA, shift)
@@ -109,7 +107,7 @@ def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool
         caption = caption_for(int(b["sample_id"][i]), bool(b["flip"][i] > 0.5), b["matrix"][i].numpy(),
                               keypoints[i].numpy(), weights[i].numpy())
         tiles.append(draw_tile(b["image"][i].numpy(), keypoints[i].numpy(), weights[i].numpy(),
-                               heatmaps[stride][i].numpy(), shards.joints, caption, scale))
+                               heatmaps[stride][i].numpy(), shards.joints, caption, scale, shards.skeleton))
     columns = min(columns, len(tiles))
     blank = np.zeros_like(tiles[0])
     tiles += [blank] * (-len(tiles) % columns)

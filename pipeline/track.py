@@ -74,7 +74,10 @@ class Tracker:
                 for label, key in [("dataset", "dataset"), ("config", "config"), ("ZeRO", "zero_stage"),
                                    ("ranks", "world_size"), ("commit", "git_commit")] if key in tags)
         try:
-            mlflow.set_experiment(experiment)
+            exp = mlflow.set_experiment(experiment)
+            # without it MLflow 3's UI opens the experiment in its GenAI view (traces, tokens), not on the runs
+            if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+                self.client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
             if run_id:  # resume: the same run continues its history
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
                 self.run_id = run.info.run_id  # _run_tags needs it
@@ -112,6 +115,36 @@ class Tracker:
             self._failed = True
             warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues without tracking")
             return None
+
+    def log_datasets(self, shard_sets: list[tuple[object, str]]) -> None:
+        """Each (ShardSet, split) as an MLflow dataset input: name, source directory, the manifest's digest,
+        sample count and joints, so the UI's Dataset column and filters show what a run trained on."""
+        if not self.enabled:
+            return
+        import hashlib
+        import json
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        class ShardDataset(MetaDataset):
+            def __init__(self, shards, split: str):
+                self._profile = {"num_rows": shards.num_samples, "split": split, "joints": len(shards.joints),
+                                 "dataset": shards.dataset}
+                digest = hashlib.sha256((Path(shards.root) / "manifest.json").read_bytes()).hexdigest()[:12]
+                super().__init__(resolve_dataset_source(str(Path(shards.root).resolve())),
+                                 name=f"{shards.dataset}-{split}", digest=digest)
+
+            @property
+            def profile(self):
+                return self._profile
+
+            def to_dict(self):
+                return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+        for shards, split in shard_sets:
+            self._guard("log_input", self._mlflow.log_input, ShardDataset(shards, split),
+                        context="training" if split == "train" else "validation")
 
     def log_params(self, params: dict) -> None:
         items = [self._mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()] if self.enabled else []
@@ -304,6 +337,41 @@ def runs_table(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
     return rows
 
 
+def compare_runs(refs: list[str], experiment: str = "mshg", tracking_uri: str | None = None) -> str:
+    """Two or more runs (names or ids) side by side: the config values that differ, then every final
+    metric, the stop and the speed; for terminals (the UI's Compare view, in text)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = []
+    for ref in refs:
+        found = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{ref}'",
+                                   order_by=["attributes.start_time DESC"]) if exp else []
+        if not found:
+            try:
+                found = [client.get_run(ref)]
+            except Exception:
+                raise ValueError(f"no run named or with id {ref!r} in experiment {experiment!r}") from None
+        runs.append(found[0])
+    names = [r.info.run_name or r.info.run_id[:8] for r in runs]
+    keys = sorted({k for r in runs for k in r.data.params})
+    differ = [k for k in keys if len({r.data.params.get(k, "-") for r in runs}) > 1]
+    rows = [{"": k, **{n: r.data.params.get(k, "-") for n, r in zip(names, runs)}} for k in differ]
+    finals = sorted({k for r in runs for k in r.data.metrics if k.startswith("final/")})
+    for k in finals:
+        rows.append({"": k, **{n: f"{100 * r.data.metrics[k]:.1f}" if k in r.data.metrics else "-"
+                               for n, r in zip(names, runs)}})
+    for label, get in (("stop", lambda r: f"{r.data.tags.get('stop_reason', '-')} at {r.data.tags.get('stopped_at_step', '-')}"),
+                       ("minutes", lambda r: f"{r.data.metrics['minutes']:.1f}" if "minutes" in r.data.metrics else "-"),
+                       ("images/s", lambda r: f"{r.data.metrics['images_per_s']:.1f}" if "images_per_s" in r.data.metrics else "-"),
+                       ("loss/total", lambda r: f"{r.data.metrics['loss/total']:.4f}" if "loss/total" in r.data.metrics else "-"),
+                       ("status", lambda r: r.info.status)):
+        rows.append({"": label, **{n: get(r) for n, r in zip(names, runs)}})
+    head = f"{len(differ)} of {len(keys)} config values differ" if differ else f"the configs are the same ({len(keys)} values)"
+    return head + "\n\n" + format_table(rows)
+
+
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -314,8 +382,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | None = None) -> int:
-    """`mshg runs`: the table, newest first, and how to see more."""
+def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | None = None,
+               compare: list[str] | None = None) -> int:
+    """`mshg runs`: the table, newest first, and how to see more; `--compare A B ...`: those runs side by side."""
     uri = tracking_uri or tracking_uri_hint()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"no MLflow store at {uri} (run from the directory you trained in, or give --tracking-uri)")
@@ -323,7 +392,12 @@ def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
     if uri.startswith(("http://", "https://")):  # a terminal command: fail in seconds, not after minutes of retries
         os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     try:
+        if compare:
+            print(compare_runs(compare, experiment, uri))
+            return 0
         rows = runs_table(experiment, limit, uri)
+    except ValueError:
+        raise
     except Exception as e:  # an unreachable or refusing server: one line
         cause = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         print(f"mshg runs: error: cannot read runs from {uri} ({cause})", file=sys.stderr)

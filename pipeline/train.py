@@ -16,6 +16,7 @@ train.log.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -23,6 +24,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -30,14 +32,18 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import Config, ConfigError, batch_plan, flatten, load_config, read_deepspeed_file, save_config, to_dict
-from pipeline.data import BadSampleError, ShardSet, TrainBatches, build_loader, to_model_input, unpack
+from pipeline.config import (Config, ConfigError, batch_plan, flatten, load_config, mix_sizes, read_deepspeed_file,
+                             save_config, to_dict)
+from pipeline.data import BadSampleError, MixedBatches, ShardSet, TrainBatches, build_loader, joint_map, to_model_input
 from pipeline.evaluate import evaluate_loader, format_pck, headline, summarise, tracked_metrics
 from pipeline.schedule import deepspeed_scheduler, make_scheduler
 from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, reason_code, reason_from_code
 from pipeline.targets import cascade_loss, make_targets, swap_flipped
 from pipeline.track import Tracker
 
+# DeepSpeed 0.19 calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor names;
+# torch warns once per call site per rank, which fills every log. Not ours to fix: silenced at the source.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped by a signal after checkpointing; requeue me"
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -96,18 +102,22 @@ def writable_dir(path: Path, option: str) -> None:
         raise ConfigError(f"{option}: cannot write {path} ({existing} is {'not a folder' if not existing.is_dir() else 'not writable'})")
 
 
-def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None]:
-    """The training and validation shard sets, checked before any training: both there, one joint set."""
+def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]:
+    """The training, validation and extra shard sets, checked before any training: all there, validation
+    of the training set's joints, every extra set's joints mapping onto them."""
     try:
         train = ShardSet.open(cfg.data.train_shards)
         val = ShardSet.open(cfg.data.val_shards) if cfg.data.val_shards else None
+        extra = [ShardSet.open(x.shards) for x in cfg.data.extra_sets]
+        for k, (s, x) in enumerate(zip(extra, cfg.data.extra_sets)):
+            joint_map(train.joints, s.joints, x.joints, f"data.extra_sets[{k}] ({x.shards})")
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if val and val.joints != train.joints:
         raise ConfigError(f"data.val_shards {cfg.data.val_shards} ({val.dataset}, {len(val.joints)} joints) has "
                           f"other joints than data.train_shards {cfg.data.train_shards} ({train.dataset}, "
                           f"{len(train.joints)} joints): validate on shards of the same joint set")
-    return train, val
+    return train, val, extra
 
 
 def make_optimizer(cfg: Config, params):
@@ -173,7 +183,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.world)
         resume_tag = self.checkpointer.resume_tag(cfg.train.resume)  # train.resume=never|require fail here
 
-        self.train_shards, self.val_shards = open_shards(cfg)
+        self.train_shards, self.val_shards, self.extra_shards = open_shards(cfg)
         self.flip_perm = self.train_shards.flip_permutation()
         model = build_model(cfg.model, len(self.train_shards.joints), cfg.data.input_size)
         self.strides = model.strides
@@ -187,12 +197,12 @@ class Trainer:
             config=deepspeed_config(cfg, self.world.size))
         self.ema = WeightAverage(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.dali_device = distributed.device_index(self.world)
-        self.batches = TrainBatches(self.train_shards, cfg.data, self.micro_batch, self.world.rank, self.world.size,
-                                    self.dali_device, log=self.log)
+        self.batches = self.training_batches()
         self.stopper = ConvergenceStop(cfg.stop)
         self.step = 0  # optimizer steps done; always engine.global_steps
         self.seconds_before = 0.0  # training seconds of earlier attempts of this run (resumed)
         self.t_start: float | None = None  # when this attempt's loop started
+        self.meter = Meter()
         resumed = self.checkpointer.load(self.engine, resume_tag) if resume_tag else None
         if resumed:
             self.load_state_dict(resumed, resume_tag)  # a refused resume stops here, the run dir untouched
@@ -203,6 +213,8 @@ class Trainer:
                                run_id=resumed.get("mlflow_run_id") if resumed else None,
                                tags=self.run_tags())
         if not resumed:
+            self.tracker.log_datasets([(s, "train") for s in [self.train_shards, *self.extra_shards]]
+                                      + ([(self.val_shards, "val")] if self.val_shards else []))
             self.tracker.log_params(flatten(to_dict(cfg)))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
             self.tracker.log_dict(deepspeed_config(cfg, self.world.size), "deepspeed_config.json")
@@ -216,9 +228,27 @@ class Trainer:
                  f"{self.micro_batch} x {self.accum} accumulation x {self.world.size} rank(s), "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")
 
+    def training_batches(self) -> MixedBatches:
+        """data.train_shards alone, or mixed with data.extra_sets by weight in every micro-batch."""
+        d = self.cfg.data
+        sets = [(self.train_shards, d.train_weight, None)] + [(s, x.weight, x) for s, x in zip(self.extra_shards, d.extra_sets)]
+        sizes = mix_sizes(self.micro_batch, [w for _, w, _ in sets]) if len(sets) > 1 else [self.micro_batch]
+        streams, maps = [], []
+        for k, ((shards, _, extra), size) in enumerate(zip(sets, sizes)):
+            # each set its own seed: the same seed would draw the same augmentations for every set
+            data = dataclasses.replace(d, seed=d.seed + 1000 * k) if k else d
+            streams.append(TrainBatches(shards, data, size, self.world.rank, self.world.size, self.dali_device,
+                                        log=self.log))
+            maps.append(joint_map(self.train_shards.joints, shards.joints, extra.joints, f"data.extra_sets[{k - 1}]")
+                        if extra else None)
+        if len(sets) > 1:
+            self.log("mixing " + ", ".join(f"{n} of {s.dataset} ({s.root})" for (s, _, _), n in zip(sets, sizes))
+                     + " in every micro-batch")
+        return MixedBatches(streams, maps, self.world.device)
+
     # -- state -------------------------------------------------------------------------------------
     def run_tags(self) -> dict:
-        return {"dataset": self.train_shards.dataset, "config": self.cfg.name,
+        return {"dataset": "+".join(s.dataset for s in [self.train_shards, *self.extra_shards]), "config": self.cfg.name,
                 "zero_stage": self.cfg.train.zero_stage, "world_size": self.world.size}
 
     def state_dict(self) -> dict:
@@ -255,7 +285,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
         self.t_start = time.perf_counter()
-        self.meter = Meter()
+        self.meter.reset()
         t, stop = self.cfg.train, self.cfg.stop
         reason = self.stopper.limit_reached(self.step, self.batches.epoch, self.minutes)  # a resumed run may be done
         pending = []  # the losses of the steps since the last decision, still on the device
@@ -287,7 +317,7 @@ class Trainer:
         losses = []
         for _ in range(self.accum):
             t0 = time.perf_counter()
-            batch = unpack(self.batches.next(), self.world.device)
+            batch = self.batches.next()
             self.meter.wait += time.perf_counter() - t0
             keypoints = swap_flipped(batch["keypoints"], batch["flip"], self.flip_perm)
             heatmaps, weights = make_targets(keypoints, self.cfg.data.input_size, self.strides, self.cfg.data.sigma)
@@ -376,7 +406,8 @@ class Trainer:
                                  self.step)
         from pipeline.plots import prediction_grid
 
-        self.tracker.log_image(prediction_grid(merged), f"predictions/step_{self.step:06d}.png")
+        self.tracker.log_image(prediction_grid(merged, skeleton=self.val_shards.skeleton),
+                               f"predictions/step_{self.step:06d}.png")
         return metrics
 
     def save_checkpoint(self) -> Path:
@@ -385,7 +416,8 @@ class Trainer:
         meta = {"step": self.step, "engine_steps": self.engine.global_steps, "micro_batches": self.batches.drawn,
                 "epoch": self.batches.epoch, "position": self.batches.position, "world_size": self.world.size,
                 "zero_stage": self.cfg.train.zero_stage, "config": (self.run_dir / "config.yaml").read_text(),
-                "joints": self.train_shards.joints, "flip_pairs": self.train_shards.flip_pairs}
+                "joints": self.train_shards.joints, "flip_pairs": self.train_shards.flip_pairs,
+                "skeleton": self.train_shards.skeleton}
         tensors = {"weights": self.weights_state()}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
@@ -434,14 +466,14 @@ class Trainer:
                 self.tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, self.step)
             self.tracker.log_artifact(self.run_dir / "train.log")
             self.tracker.log_loss_curves(len(self.strides))
-            if weights:
+            summary = summarise_run(self.run_dir, metrics, checkpoint, weights, reason, self.step,
+                                    self.tracker.run_id, self.tracker.ui_command(), seconds)
+            print(summary, flush=True)
+            if weights and self.cfg.train.log_model:  # after the summary: the results are out already
                 from pipeline.weights import load_trained
 
                 model, _, meta = load_trained(weights)
                 self.tracker.log_model(model, self.cfg.data.input_size, meta["joints"], meta["flip_pairs"])
-            summary = summarise_run(self.run_dir, metrics, checkpoint, weights, reason, self.step,
-                                    self.tracker.run_id, self.tracker.ui_command(), seconds)
-            print(summary, flush=True)
         self.tracker.finish()
         self.barrier()
         return 0

@@ -19,12 +19,12 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Config, joints: list[str],
-                 flip_pairs: list[list[int]]) -> Path:
+                 flip_pairs: list[list[int]], skeleton: list[list[int]] | None = None) -> Path:
     path = Path(path)
     tensors = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
                for k, v in state_dict.items()}
     meta = {"config": OmegaConf.to_yaml(OmegaConf.structured(cfg)), "joints": json.dumps(joints),
-            "flip_pairs": json.dumps(flip_pairs)}
+            "flip_pairs": json.dumps(flip_pairs), "skeleton": json.dumps(skeleton or [])}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # a reader never sees half a file
@@ -59,7 +59,10 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, len(joints), cfg.data.input_size)
     model.load_state_dict(load_file(str(path), device=str(device)))
     model.to(device).eval()
-    return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"])}
+    from pipeline.plots import skeleton_for
+
+    skeleton = json.loads(meta.get("skeleton") or "[]") or skeleton_for(len(joints))
+    return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"]), "skeleton": skeleton}
 
 
 def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -92,4 +95,4 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if missing or unexpected:
         raise ValueError(f"{directory / tag}: does not match the model of its config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return save_weights(state, out, cfg, meta["joints"], meta["flip_pairs"])
+    return save_weights(state, out, cfg, meta["joints"], meta["flip_pairs"], meta.get("skeleton"))

@@ -13,6 +13,10 @@ from shards.verify import verify
 from shards.write import ShardError, write_shards
 
 
+# skips that a dataset's own conventions produce, not problems of the input
+EXPECTED_SKIPS = ("crowd annotation", "too few keypoints", "image file missing")
+
+
 def add_output_options(p):
     p.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
     p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar")
@@ -26,6 +30,9 @@ def add_output_options(p):
                    help="how to store images that are not JPEG: png (lossless, default) or jpg (quality 95)")
     p.add_argument("--split-file", default=None,
                    help="text file of image file names, one a line: shard only the persons in those images")
+    p.add_argument("--max-skipped", type=float, default=0.2, metavar="SHARE",
+                   help="fail (exit 1) when more than this share of the persons is skipped for a problem (crowd, "
+                        "too few keypoints and missing image files are expected and not counted); 0 samples always fails")
     p.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
                    help="sample order in the tars: shuffled with --seed (default; DALI only shuffles within a "
                         "buffer of a few hundred samples, so the tars must not hold the dataset's order) or source")
@@ -49,10 +56,18 @@ def add_commands(subparsers):
     p.add_argument("--annotations", required=True, help="annotation .json or mpii_human_pose_v1_u12_1.mat")
     add_output_options(p)
     p.set_defaults(func=run_shard)
-    p = formats.add_parser("coco", help="COCO person_keypoints_*.json: one sample per non-crowd person")
-    p.add_argument("--images", required=True, help="folder of the images, e.g. coco/val2017")
-    p.add_argument("--annotations", required=True, help="person_keypoints_*.json")
+    p = formats.add_parser("coco", help="any COCO-format keypoint file (COCO, CrowdPose, MHP, AI Challenger, "
+                                        "Human-Art, ...): one sample per non-crowd person")
+    p.add_argument("--images", required=True, help="folder of the images, e.g. coco/val2017 (file_names with "
+                                                   "sub-folders or a split prefix are found under it)")
+    p.add_argument("--annotations", required=True, help="person_keypoints_*.json or any COCO-format keypoint file")
+    p.add_argument("--name", default="coco", help="the dataset's name in the manifest and in MLflow (e.g. crowdpose)")
     p.add_argument("--min-keypoints", type=int, default=1, help="persons with fewer labelled keypoints are skipped")
+    p.add_argument("--flip-pairs", default=None, metavar="A:B,...",
+                   help="left/right joint pairs (names or 0-based indices); default: from left/right in the names")
+    p.add_argument("--oks-sigmas", default=None, metavar="S,...",
+                   help=f"per-joint OKS sigmas for COCO AP; default: COCO's by joint name, else "
+                        f"{datasets.DEFAULT_OKS_SIGMA}")
     add_output_options(p)
     p.set_defaults(func=run_shard)
 
@@ -63,7 +78,8 @@ def add_commands(subparsers):
 
 
 def read_records(args):
-    """-> (records, skipped, report, source) for the chosen format, after --split-file."""
+    """-> (records, skipped, report, source, dataset table) for the chosen format, after --split-file."""
+    table = datasets.DATASETS.get(args.format)
     if args.format in ("lsp", "lspet"):
         first, last = datasets.parse_range(args.range)
         reader = datasets.read_lsp if args.format == "lsp" else datasets.read_lspet
@@ -75,12 +91,13 @@ def read_records(args):
             reader = datasets.read_mpii_mat if args.annotations.endswith(".mat") else datasets.read_mpii_json
             records, skipped, report = reader(args.images, args.annotations)
         else:
+            table = datasets.coco_dataset(args.annotations, args.name, args.flip_pairs, args.oks_sigmas)
             records, skipped, report = datasets.read_coco(args.images, args.annotations, args.min_keypoints)
     if args.split_file:
         names = datasets.read_split_file(args.split_file)
         records = [r for r in records if os.path.basename(r.image) in names]
         source["split_file"] = args.split_file
-    return records, skipped, report, source
+    return records, skipped, report, source, table
 
 
 def run_shard(args):
@@ -88,7 +105,7 @@ def run_shard(args):
         print("error: --workers and --maxcount must be >= 1", file=sys.stderr)
         return 2
     try:
-        records, skipped, report, source = read_records(args)
+        records, skipped, report, source, table = read_records(args)
     except (datasets.AnnotationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,7 +114,7 @@ def run_shard(args):
     saved_args = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "quiet")}
     try:
         manifest = write_shards(
-            records, skipped, args.format, args.out, prefix=args.prefix, maxcount=args.maxcount,
+            records, skipped, table, args.out, prefix=args.prefix, maxcount=args.maxcount,
             maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite, margin=args.outside_margin,
             non_jpeg=args.non_jpeg, source=source, args=saved_args, report=report,
             progress=not args.quiet)
@@ -118,6 +135,17 @@ def run_shard(args):
         print(f"  skipped {count}: {reason}")
     if manifest.get("missing_images"):
         print(f"  {len(manifest['missing_images'])} images listed in the annotations are missing (manifest: missing_images)")
+    if n == 0:
+        print(f"error: wrote 0 samples to {args.out}: nothing usable was read (the reasons above, and the "
+              f"manifest's skip report)", file=sys.stderr)
+        return 1
+    problems = sum(count for reason, count in reasons.items() if reason not in EXPECTED_SKIPS)
+    total = n + manifest["num_skipped"]
+    if problems > args.max_skipped * total:
+        print(f"error: {problems} of {total} persons ({100 * problems / total:.0f} %) were skipped for a problem, "
+              f"more than --max-skipped {args.max_skipped:g}: see the reasons above (the shards were written; "
+              f"fix the input, or raise --max-skipped if they are expected)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,6 +24,8 @@ class Dataset:
     name: str
     joints: tuple  # joint names in the dataset's own order
     flip_pairs: tuple  # (left, right) index pairs swapped by a horizontal flip
+    skeleton: tuple = ()  # (a, b) index pairs of the limbs drawn
+    oks_sigmas: tuple = ()  # per-joint OKS sigmas for COCO keypoint AP (empty: not a COCO-style set)
 
 
 LSP_JOINTS = (
@@ -47,12 +49,108 @@ COCO_JOINTS = (
 )
 COCO_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 
+LSP_SKELETON = ((0, 1), (1, 2), (3, 4), (4, 5), (2, 3), (2, 8), (3, 9), (6, 7), (7, 8), (9, 10), (10, 11),
+                (8, 12), (9, 12), (12, 13))
+MPII_SKELETON = ((0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9), (10, 11), (11, 12),
+                 (12, 7), (7, 13), (13, 14), (14, 15))
+COCO_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
+                 (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
+# pycocotools' sigmas for the 17 COCO keypoints (COCOeval.Params.kpt_oks_sigmas), by name; a joint of
+# another set takes its COCO namesake's, or DEFAULT_OKS_SIGMA (about the mean of COCO's body joints)
+COCO_OKS_SIGMAS = dict(zip(COCO_JOINTS, (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87,
+                                         .89, .89)))
+COCO_OKS_SIGMAS = {k: v / 10.0 for k, v in COCO_OKS_SIGMAS.items()}
+DEFAULT_OKS_SIGMA = 0.08
+
 DATASETS = {
-    "lsp": Dataset("lsp", LSP_JOINTS, LSP_FLIP_PAIRS),
-    "lspet": Dataset("lspet", LSP_JOINTS, LSP_FLIP_PAIRS),
-    "mpii": Dataset("mpii", MPII_JOINTS, MPII_FLIP_PAIRS),
-    "coco": Dataset("coco", COCO_JOINTS, COCO_FLIP_PAIRS),
+    "lsp": Dataset("lsp", LSP_JOINTS, LSP_FLIP_PAIRS, LSP_SKELETON),
+    "lspet": Dataset("lspet", LSP_JOINTS, LSP_FLIP_PAIRS, LSP_SKELETON),
+    "mpii": Dataset("mpii", MPII_JOINTS, MPII_FLIP_PAIRS, MPII_SKELETON),
+    "coco": Dataset("coco", COCO_JOINTS, COCO_FLIP_PAIRS, COCO_SKELETON, tuple(COCO_OKS_SIGMAS[j] for j in COCO_JOINTS)),
 }
+
+SIDES = (("left", "right"), ("l", "r"))
+
+
+def mirror_name(name):
+    """The name of the joint a horizontal flip swaps `name` with, or None: a left/right token
+    (left/right or l/r, any case, split by _ - . or space, at either end) exchanged."""
+    import re
+
+    tokens = re.split(r"([_\-. ]+)", name)
+    for i in (0, len(tokens) - 1):
+        low = tokens[i].lower()
+        for a, b in SIDES:
+            if low in (a, b):
+                other = b if low == a else a
+                other = other.upper() if tokens[i].isupper() else other.capitalize() if tokens[i][0].isupper() else other
+                return "".join(tokens[:i] + [other] + tokens[i + 1:])
+        if low.startswith(("left", "right")) and len(tokens) == 1:  # leftShoulder / rightshoulder
+            side = "left" if low.startswith("left") else "right"
+            rest = name[len(side):]
+            other = "right" if side == "left" else "left"
+            return (other.capitalize() if name[0].isupper() else other) + rest
+    return None
+
+
+def flip_pairs_from_names(joints):
+    """(i, j) pairs of joints whose names differ only in their side; each joint at most once."""
+    index = {name: i for i, name in enumerate(joints)}
+    pairs = []
+    for i, name in enumerate(joints):
+        j = index.get(mirror_name(name) or "")
+        if j is not None and i < j:
+            pairs.append((i, j))
+    return tuple(pairs)
+
+
+def parse_flip_pairs(text, joints):
+    """--flip-pairs "a:b,c:d" with joint names or 0-based indices -> ((i, j), ...), checked."""
+    pairs, used = [], set()
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            a, b = (x.strip() for x in item.split(":"))
+            ia, ib = (int(x) if x.isdigit() else joints.index(x) for x in (a, b))
+        except ValueError:
+            raise ValueError(f"--flip-pairs {text!r}: {item!r} is not NAME:NAME or I:J of the joints "
+                             f"{list(joints)}") from None
+        if not (0 <= ia < len(joints) and 0 <= ib < len(joints)) or ia == ib or {ia, ib} & used:
+            raise ValueError(f"--flip-pairs {text!r}: {item!r} pairs joints out of range, itself, or twice")
+        used |= {ia, ib}
+        pairs.append((ia, ib))
+    return tuple(pairs)
+
+
+def coco_dataset(annotations, name="coco", flip_pairs=None, oks_sigmas=None):
+    """The Dataset table of a COCO-format keypoint file: joints and skeleton from the person category
+    (`categories[].keypoints`, 1-based `skeleton`), flip pairs from the names' left/right tokens
+    (or --flip-pairs), OKS sigmas by name from COCO's (or --oks-sigmas)."""
+    data = _load_json(annotations)
+    cats = [c for c in data.get("categories", []) if isinstance(c, dict) and c.get("keypoints")] \
+        if isinstance(data, dict) else []
+    if not cats:
+        raise AnnotationError(f"{annotations}: no category with 'keypoints' in field 'categories'")
+    joints = tuple(str(j) for j in cats[0]["keypoints"])
+    skeleton = []
+    for pair in cats[0].get("skeleton") or []:
+        try:
+            a, b = (int(v) - 1 for v in pair)
+        except (TypeError, ValueError):
+            raise AnnotationError(f"{annotations}: categories[0].skeleton holds {pair!r}, expected [a, b]") from None
+        if 0 <= a < len(joints) and 0 <= b < len(joints):
+            skeleton.append((a, b))
+    pairs = parse_flip_pairs(flip_pairs, joints) if flip_pairs else flip_pairs_from_names(joints)
+    if oks_sigmas:
+        try:
+            sigmas = tuple(float(v) for v in oks_sigmas.split(","))
+        except ValueError:
+            raise ValueError(f"--oks-sigmas {oks_sigmas!r}: expected comma-separated numbers") from None
+        if len(sigmas) != len(joints) or min(sigmas) <= 0:
+            raise ValueError(f"--oks-sigmas gives {len(sigmas)} values > 0; the set has {len(joints)} joints")
+    else:
+        sigmas = tuple(COCO_OKS_SIGMAS.get(j.lower().replace("-", "_").replace(" ", "_"), DEFAULT_OKS_SIGMA)
+                       for j in joints)
+    return Dataset(name, joints, pairs, tuple(skeleton), sigmas)
 
 # -----------------------------------------------------------------------------
 # records
@@ -352,14 +450,14 @@ def read_coco(images, annotations, min_keypoints=1):
         kps = kps.reshape(num_joints, 3)
         labelled = int((kps[:, 2] > 0).sum())
         if labelled < max(min_keypoints, 1):
-            skipped.append(_skip(source, f"{labelled} labelled keypoints < {max(min_keypoints, 1)}"))
+            skipped.append(_skip(source, f"too few keypoints: {labelled} labelled < {max(min_keypoints, 1)}"))
             continue
         info = image_info[image_id]
         file_name = _field(annotations, f"image id {image_id}", info, "file_name")
         records.append(Record(
             key=f"coco_{ann_id:012d}",
             idx=int(ann_id),
-            image=os.path.join(images, file_name),
+            image=resolve_image(images, str(file_name)),
             keypoints=kps,
             box=bbox,
             source_id=ann_id,
@@ -368,5 +466,17 @@ def read_coco(images, annotations, min_keypoints=1):
         ))
     # the public subsets list more images than they ship: say which, once, instead of failing on them
     missing = [str(im.get("file_name")) for im in data["images"]
-               if not os.path.isfile(os.path.join(images, str(im.get("file_name"))))]
+               if not os.path.isfile(resolve_image(images, str(im.get("file_name"))))]
     return records, skipped, {"missing_images": missing}
+
+
+def resolve_image(images, file_name):
+    """A `file_name` as COCO-format files write it (plain, in sub-folders, with a split prefix such as
+    train2017/...) against the --images folder: the first of images/file_name, then with leading
+    folders dropped one at a time, that exists; else images/file_name (reported missing later)."""
+    parts = file_name.replace("\\", "/").lstrip("/").split("/")
+    for k in range(len(parts)):
+        candidate = os.path.join(images, *parts[k:])
+        if os.path.isfile(candidate):
+            return candidate
+    return os.path.join(images, *parts)

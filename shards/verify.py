@@ -130,7 +130,7 @@ def verify(out, progress=True):
     for name in sorted(os.listdir(out)):
         if name.endswith(".tar") and name not in listed:
             problems.append(f"{name}: tar file not listed in manifest.json")
-    bar = tqdm(total=manifest["num_samples"], unit="img", desc="verify", disable=not progress)
+    bar = tqdm(total=manifest["num_samples"], unit="img", desc="verify", disable=None if progress else True)  # None: off when not a terminal
     for shard in manifest["shards"]:
         tar_path, idx_path = os.path.join(out, shard["tar"]), os.path.join(out, shard["index"])
         name = shard["tar"]

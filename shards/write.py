@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from shards.datasets import DATASETS
+from shards.datasets import DATASETS, Dataset
 
 PARTIAL = ".partial"  # suffix of shards and indexes still being written
 
@@ -120,9 +120,10 @@ def clean_keypoints(kp, width, height, margin, names):
     return np.array(rows, dtype=np.float32), dropped
 
 
-def make_sample(record, dataset, margin, non_jpeg="png"):
-    """Record -> ({member extension: bytes}, dropped joints). Raises BadSample."""
-    names = DATASETS[dataset].joints
+def make_sample(record, dataset, margin, non_jpeg="png", names=None):
+    """Record -> ({member extension: bytes}, dropped joints). Raises BadSample. `names`: the joints
+    (default: the table of `dataset`)."""
+    names = names or DATASETS[dataset].joints
     if record.keypoints.shape != (len(names), 3):
         raise BadSample(f"wrong joint count: keypoints {record.keypoints.shape}, expected ({len(names)}, 3)")
     ext, data, width, height = read_image(record.image, non_jpeg)
@@ -236,7 +237,7 @@ def write_part(task):
     try:
         for record in records:
             try:
-                sample, bad_joints = make_sample(record, cfg["dataset"], cfg["margin"], cfg["non_jpeg"])
+                sample, bad_joints = make_sample(record, cfg["dataset"], cfg["margin"], cfg["non_jpeg"], cfg["joints"])
             except BadSample as e:
                 skipped.append({"source": record.image, "key": record.key, "reason": str(e)})
                 continue
@@ -316,11 +317,16 @@ def remove_partials(out):
 def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, maxsize=1e9, workers=1,
                  overwrite=False, margin=4.0, non_jpeg="png", source=None, args=None,
                  report=None, progress=True):
-    """Write all records; returns the manifest dict (also saved as {out}/manifest.json)."""
+    """Write all records; returns the manifest dict (also saved as {out}/manifest.json). `dataset`: a
+    name of shards.datasets.DATASETS or a Dataset table (e.g. read from a COCO-format file)."""
+    table = dataset if isinstance(dataset, Dataset) else DATASETS[dataset]
+    dataset = table.name
     prepare_out(out, prefix, overwrite)
-    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "non_jpeg": non_jpeg}
+    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "non_jpeg": non_jpeg,
+           "joints": list(table.joints)}
     tasks = [(n, part, cfg) for n, part in enumerate(plan_parts(records, maxcount, maxsize))]
-    bar = tqdm(total=len(records), unit="img", desc=f"shard {dataset}", disable=not progress, smoothing=0)
+    # disable=None: no bar (and no carriage-return frames) when the output is a file, not a terminal
+    bar = tqdm(total=len(records), unit="img", desc=f"shard {dataset}", disable=None if progress else True, smoothing=0)
     parts, nskipped = [], len(skipped)
     bar.set_postfix(skipped=nskipped)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
@@ -355,11 +361,12 @@ def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, 
         shards.append({"tar": stem + ".tar", "index": stem + ".idx", "samples": part["samples"],
                        "bytes": part["bytes"], "sha256": part["sha256"],
                        "first_key": part["first_key"], "last_key": part["last_key"]})
-    table = DATASETS[dataset]
     manifest = {
         "dataset": dataset,
         "joints": list(table.joints),
         "flip_pairs": [list(p) for p in table.flip_pairs],
+        "skeleton": [list(p) for p in table.skeleton],
+        "oks_sigmas": list(table.oks_sigmas),
         "num_samples": sum(s["samples"] for s in shards),
         "num_skipped": nskipped,
         "num_dropped_joints": sum(len(p["dropped"]) for p in parts),

@@ -34,7 +34,8 @@ def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:
         "model": {"channels": 16, "stages": [[2, 2], [4, 4], [8, 2]]},
         "data": {"train_shards": str(shards["train"]), "val_shards": str(shards["val"]), "input_size": 64,
                  "num_threads": 1, "shuffle_buffer": 16},
-        "train": {"micro_batch": 4, "out_dir": str(tmp / "runs"), "lr": 1e-3},
+        # no MLflow model at the end (10-20 s of CPU each); tests/test_track.py logs one
+        "train": {"micro_batch": 4, "out_dir": str(tmp / "runs"), "lr": 1e-3, "log_model": False},
         "stop": {"max_steps": 6},
     }
     for section, values in sections.items():

@@ -45,7 +45,8 @@ def server(tmp_path_factory):
 def tracked_run(server, lspet_shards, tmp_path_factory):
     """6 steps, an evaluation every 3 (steps 3 and 6), logged over HTTP."""
     tmp = tmp_path_factory.mktemp("tracked")
-    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3}, stop={"max_steps": 6})
+    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3, "log_model": True},
+                      stop={"max_steps": 6})
     proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=train_env(server.uri), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
