@@ -112,6 +112,44 @@ def cmd_runs(args) -> int:
     return print_runs(args.experiment, args.limit, args.tracking_uri, args.compare)
 
 
+def cmd_propose_stop(args) -> int:
+    """`mshg propose-stop RUN`: stop.expected_loss / tolerance / window from a calibration run's curves."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stop import propose
+
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{args.run}'") if exp else []
+    if not runs:
+        raise ValueError(f"no run named {args.run!r} in experiment {args.experiment!r}")
+    run = runs[0]
+
+    def curve(key):
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        return [m.step for m in points], [m.value for m in points]
+
+    metric = next((k for k in ("pck", "pckh", "coco/AP") if k in run.data.metrics), None)
+    if metric is None:
+        raise ValueError(f"run {args.run} has no validation metric (train it with data.val_shards and train.eval_every)")
+    steps, smoothed = curve("loss/smoothed")
+    eval_steps, values = curve(metric)
+    minutes = dict(zip(*curve("minutes")))
+    p = propose(steps, smoothed, eval_steps, values, args.within / 100)
+    print(f"calibration run {args.run}: best {metric} {100 * p['best']:.1f} at {p['last_step']} steps; within "
+          f"{args.within:g} points of it from step {p['target_step']}")
+    print(f"  stop.expected_loss={p['expected_loss']:.5f} stop.tolerance={p['tolerance']:g} stop.window={p['window']}")
+    if p["fires_at"] is None:
+        print("  replayed on this run's curve the rule does not fire: the loss was still falling at the end")
+    else:
+        saved = minutes.get(p["last_step"], 0) - minutes.get(p["fires_at"], 0)
+        print(f"  replayed on this run's curve it fires at step {p['fires_at']} of {p['last_step']}"
+              + (f" ({saved:.1f} training minutes saved)" if minutes else "")
+              + (f", {metric} there {100 * p['metric_at_stop']:.1f} ({100 * (p['best'] - p['metric_at_stop']):.1f} "
+                 f"points below the best)" if p["metric_at_stop"] is not None else ""))
+    return 0
+
+
 def cmd_model_info(args) -> int:
     from pipeline.config import load_config
     from pipeline.model import describe
@@ -175,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", default=None, metavar="RUN",
                    help="print the config differences and final metrics of these runs (names or ids)")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("propose-stop", help="a convergence stop (expected loss, tolerance, window) from a "
+                                            "calibration run's loss and validation curves in MLflow")
+    p.add_argument("run", help="the calibration run's name")
+    p.add_argument("--within", type=float, default=2.0, help="points of the validation metric below its best at "
+                                                            "which more training stops paying (default 2)")
+    p.add_argument("--experiment", default="mshg")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_propose_stop)
 
     p = sub.add_parser("model-info", help="parameter count and FLOPs of configs")
     p.add_argument("configs", nargs="+", help="YAML files under configs/")

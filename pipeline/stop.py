@@ -75,3 +75,45 @@ class ConvergenceStop:
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.updates = state["ema"], state["updates"]
         self.recent = deque(state["recent"], maxlen=self.cfg.window)
+
+
+def propose(steps: list[int], smoothed: list[float], eval_steps: list[int], metric: list[float],
+            within: float = 0.02, window: int = 0) -> dict:
+    """A convergence stop for a new dataset or model, from a calibration run: its smoothed-loss curve
+    (`steps`, `smoothed`, as logged) and its validation curve (`eval_steps`, `metric`, higher is better).
+
+    The stop should fire where validation has stopped paying for more training: the first evaluation
+    within `within` (absolute, e.g. 0.02 = 2 points) of the best. `window` (steps; default: a tenth of
+    that step, at least 3 logged points) is how long the smoothed loss must have stayed; the expected
+    loss is the highest smoothed value in the window ending there, and the tolerance the window's
+    relative range. The rule is then replayed on the logged curve to say where it fires."""
+    if not eval_steps or len(steps) < 3:
+        raise ValueError("the calibration run needs a logged loss curve and at least one evaluation")
+    best = max(metric)
+    target = next(s for s, m in zip(eval_steps, metric) if m >= best - within)
+    spacing = max(1, (steps[-1] - steps[0]) // max(len(steps) - 1, 1))
+    window = window or max(target // 10, 3 * spacing)
+    inside = [v for s, v in zip(steps, smoothed) if target - window < s <= target]
+    tolerance = max((max(inside) - min(inside)) / max(inside), 0.01) + 0.005
+
+    def replay(expected: float) -> int | None:
+        """The first logged step at which the rule fires with this expected loss."""
+        for k, s in enumerate(steps):
+            recent = [v for t, v in zip(steps[:k + 1], smoothed[:k + 1]) if s - window < t <= s]
+            if s >= window and max(recent) <= expected and max(recent) - min(recent) <= tolerance * expected:
+                return s
+        return None
+
+    # the expected loss whose first firing lands closest to the target, not before it: a noisy curve
+    # dips below the window's maximum early, so the maximum alone would stop too soon
+    def badness(candidate: tuple[float, int | None]) -> tuple[int, int]:
+        fires = candidate[1]
+        if fires is None:
+            return 2, 0
+        return (1, target - fires) if fires < target else (0, fires - target)
+
+    expected, fires = min(((e, replay(e)) for e in sorted(set(inside), reverse=True)), key=badness)
+    at_stop = max((m for e, m in zip(eval_steps, metric) if fires is not None and e <= fires), default=None)
+    return {"expected_loss": expected, "tolerance": round(tolerance, 3), "window": window,
+            "target_step": target, "fires_at": fires, "best": best, "metric_at_stop": at_stop,
+            "last_step": steps[-1]}

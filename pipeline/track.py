@@ -132,8 +132,10 @@ class Tracker:
                 self._profile = {"num_rows": shards.num_samples, "split": split, "joints": len(shards.joints),
                                  "dataset": shards.dataset}
                 digest = hashlib.sha256((Path(shards.root) / "manifest.json").read_bytes()).hexdigest()[:12]
-                super().__init__(resolve_dataset_source(str(Path(shards.root).resolve())),
-                                 name=f"{shards.dataset}-{split}", digest=digest)
+                with warnings.catch_warnings():  # MLflow registers its local-path source twice and says so
+                    warnings.simplefilter("ignore", UserWarning)
+                    source = resolve_dataset_source(str(Path(shards.root).resolve()))
+                super().__init__(source, name=f"{shards.dataset}-{split}", digest=digest)
 
             @property
             def profile(self):

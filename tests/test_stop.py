@@ -47,3 +47,36 @@ def test_state_round_trip_continues_identically():
     for step, loss in enumerate(losses[20:], 21):
         assert first.update(loss, step, 0) == second.update(loss, step, 0)
         assert first.smoothed == second.smoothed
+
+
+def test_max_minutes_is_a_hard_limit_like_steps():
+    from pipeline.stop import MAX_MINUTES
+
+    stop = ConvergenceStop(StopConfig(max_steps=100, max_minutes=2.0))
+    assert stop.update(1.0, step=1, epoch=0, minutes=1.9) is None
+    assert stop.update(1.0, step=2, epoch=0, minutes=2.0) == MAX_MINUTES
+
+
+def test_proposed_stop_fires_where_validation_stops_paying():
+    """A calibration run whose loss falls like 1/t and flattens, and whose PCK saturates: the proposed
+    rule, replayed on the curve, fires at (or just after) the first evaluation within 2 points of the
+    best, not before, and says how much later training would have gone on."""
+    import math
+    import random
+
+    from pipeline.stop import propose
+
+    rng = random.Random(0)
+    steps = list(range(10, 3010, 10))
+    smoothed = [0.05 + 0.5 / math.sqrt(s) + rng.uniform(-0.0005, 0.0005) for s in steps]
+    evals = list(range(300, 3001, 300))
+    pck = [0.7 * (1 - math.exp(-e / 600)) for e in evals]
+    p = propose(steps, smoothed, evals, pck, within=0.02)
+    target = next(e for e, v in zip(evals, pck) if v >= max(pck) - 0.02)
+    assert p["target_step"] == target
+    assert p["fires_at"] is not None and target <= p["fires_at"] <= target + p["window"]
+    # the proposal, as the trainer's rule: ConvergenceStop on the same values stops there too
+    stop = ConvergenceStop(StopConfig(expected_loss=p["expected_loss"], tolerance=p["tolerance"],
+                                      window=p["window"] // 10, smoothing=0.0, max_steps=10**6))
+    fired = next(s for s, v in zip(steps, smoothed) if stop.update(v, s, 0))
+    assert abs(fired - p["fires_at"]) <= 10

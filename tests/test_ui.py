@@ -1,0 +1,67 @@
+"""The MLflow UI as users compare runs: a real `mlflow server` on 127.0.0.1 with two finished tiny runs,
+Debian's Chromium driven headless by Playwright (the system browser, no download): the experiment opens
+on its runs (not the GenAI view), both runs show their dataset inputs, both are selected and compared,
+and the comparison shows their per-stage loss curves. The screenshot's path is printed."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_config
+from tests.mlflow_server import MlflowServer
+from tests.test_track import train_cmd, train_env
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+RUNS = ("ui-a", "ui-b")
+
+
+@pytest.fixture(scope="module")
+def two_runs(lspet_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    with MlflowServer(tmp / "server") as server:
+        for name, lr in zip(RUNS, (1e-3, 3e-3)):
+            cfg = tiny_config(tmp, lspet_shards, train={"run_name": name, "lr": lr}, stop={"max_steps": 4})
+            proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=train_env(server.uri), capture_output=True,
+                                  text=True, timeout=400)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        yield server, tmp
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/install_browser.sh installs it)")
+def test_browser_compares_two_runs_with_stage_losses_and_datasets(two_runs):
+    from playwright.sync_api import expect, sync_playwright
+
+    server, tmp = two_runs
+    client = MlflowClient(tracking_uri=server.uri)
+    experiment = client.get_experiment_by_name("mshg")
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    shot = tmp / "mlflow-compare.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(f"{server.uri}/#/experiments/{experiment.experiment_id}")
+        # the runs table, not the GenAI overview: both runs with their dataset inputs
+        for name in RUNS:
+            expect(page.get_by_text(name, exact=True).first).to_be_visible()
+        expect(page.get_by_text("lspet-train").first).to_be_visible()
+        # select both runs and compare them
+        for name in RUNS:
+            row = page.get_by_role("row").filter(has_text=name)
+            row.get_by_role("checkbox").first.check()
+        page.get_by_role("button", name="Compare").first.click()
+        page.wait_for_url("**compare-runs**")
+        for name in RUNS:
+            expect(page.get_by_text(name).first).to_be_visible()
+        expect(page.get_by_text("loss/stage_1").first).to_be_visible()
+        expect(page.get_by_text("loss/stage_8").first).to_be_visible()
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot of the comparison: {shot}")
