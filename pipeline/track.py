@@ -53,6 +53,7 @@ class Tracker:
                  tags: dict | None = None, system_metrics: bool = True):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._pending: list = []
         self._failed = False
         self._logged_until: dict[str, int] = {}  # metric -> last step already in the store (resumed runs)
@@ -75,6 +76,7 @@ class Tracker:
                                    ("ranks", "world_size"), ("commit", "git_commit")] if key in tags)
         try:
             exp = mlflow.set_experiment(experiment)
+            self.experiment_id = exp.experiment_id
             # without it MLflow 3's UI opens the experiment in its GenAI view (traces, tokens), not on the runs
             if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
                 self.client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
@@ -271,13 +273,17 @@ class Tracker:
             pass
 
     def ui_command(self) -> str:
+        """How to look at the run: the server command (a local store) and the page of the experiment's
+        runs. MLflow 3.17's UI opens experiments in its GenAI view unless the URL (or its toggle at the
+        top left) says `workflowType=machine_learning`."""
         uri = self.tracking_uri
+        page = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning" if self.experiment_id else ""
         if uri.startswith(("http://", "https://")):
-            return f"open {uri} in a browser"
+            return f"open {uri.rstrip('/')}/{page} in a browser"
         # the mlflow next to this interpreter: the venv's, which may not be on the user's PATH
         mlflow_bin = Path(sys.executable).parent / "mlflow"
         exe = str(mlflow_bin) if mlflow_bin.exists() and not shutil.which("mlflow") else "mlflow"
-        return f"{exe} ui --backend-store-uri {uri} --port 5000"
+        return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000/{page}"
 
 
 def mark_failed(experiment: str, run_name: str, error: str) -> bool:
@@ -408,6 +414,8 @@ def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
         print(f"no runs in experiment {experiment!r} at {uri}")
         return 1
     print(format_table(rows))
-    ui = f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri} --port 5000"
+    page = "#/experiments?workflowType=machine_learning"  # MLflow 3.17 opens its GenAI view otherwise
+    ui = (f"open {uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://"))
+          else f"mlflow ui --backend-store-uri {uri} --port 5000, then http://127.0.0.1:5000/{page}")
     print(f"\n{len(rows)} run(s) of {experiment!r} at {uri}; compare them in the UI: {ui}")
     return 0

@@ -1,7 +1,8 @@
 """The MLflow UI as users compare runs: a real `mlflow server` on 127.0.0.1 with two finished tiny runs,
 Debian's Chromium driven headless by Playwright (the system browser, no download): the experiment opens
 on its runs (not the GenAI view), both runs show their dataset inputs, both are selected and compared,
-and the comparison shows their per-stage loss curves. The screenshot's path is printed."""
+the comparison page lists both, and the chart view draws both runs' per-stage loss curves. The
+screenshot's path is printed."""
 from __future__ import annotations
 
 import os
@@ -46,7 +47,9 @@ def test_browser_compares_two_runs_with_stage_losses_and_datasets(two_runs):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1600, "height": 1100})
         page.set_default_timeout(60_000)
-        page.goto(f"{server.uri}/#/experiments/{experiment.experiment_id}")
+        # the link the trainer prints: MLflow 3.17 picks GenAI or model-training pages from a global toggle
+        # (this URL parameter, else the browser's last choice, GenAI at first), not from the experiment's tag
+        page.goto(f"{server.uri}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
         # the runs table, not the GenAI overview: both runs with their dataset inputs
         for name in RUNS:
             expect(page.get_by_text(name, exact=True).first).to_be_visible()
@@ -60,7 +63,18 @@ def test_browser_compares_two_runs_with_stage_losses_and_datasets(two_runs):
         for name in RUNS:
             expect(page.get_by_text(name).first).to_be_visible()
         expect(page.get_by_text("loss/stage_1").first).to_be_visible()
-        expect(page.get_by_text("loss/stage_8").first).to_be_visible()
+        # MLflow 3's comparison of curves: the experiment page's chart view, one chart per metric, a line per run
+        page.go_back()
+        page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
+        close = page.get_by_role("button", name="Close")
+        if close.count():
+            close.first.click()  # the assistant panel: room for the charts
+        for name in RUNS:
+            expect(page.get_by_text(f"{name} (loss/stage_1)").first).to_be_visible()
+        page.get_by_placeholder("Search metric charts").fill("loss/stage")  # all eight, and nothing else
+        for name in RUNS:
+            for stage in (1, 8):
+                expect(page.get_by_text(f"{name} (loss/stage_{stage})").first).to_be_attached()
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
