@@ -183,9 +183,6 @@ def config_from_yaml(text: str, source: str = "<yaml>") -> Config:
 
 def validate(cfg: Config) -> None:
     m, d, t, s, e = cfg.model, cfg.data, cfg.train, cfg.stop, cfg.eval
-    if not d.train_shards:
-        raise ConfigError("data.train_shards is not set: name the shard directory to train on (written by "
-                          "`mshg shard`, e.g. data.train_shards=runs/shards/lspet-train)")
     if not m.stages or any(len(st) != 2 or st[0] not in (2, 4, 8) or st[1] < 1 for st in m.stages):
         raise ConfigError(f"model.stages must be [[stride, modules], ...] with stride 2, 4 or 8; got {m.stages}")
     strides = [st[0] for st in m.stages]

@@ -116,8 +116,9 @@ def init(device: str = "auto") -> World:
     from deepspeed.accelerator import get_accelerator
 
     if env["WORLD_SIZE"] == "1":
-        # a world of one needs no rendezvous over the network: a file store listens on no port (a
-        # TCP store would listen on every interface)
+        # a world of one needs no rendezvous over the network: a file store instead of a TCP store
+        # (that one listens on every interface), and gloo's own pair listener kept on loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         folder = tempfile.mkdtemp(prefix="mshg-store-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         deepspeed.init_distributed(verbose=False, init_method=f"file://{folder}/store", rank=0, world_size=1)

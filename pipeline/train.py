@@ -105,6 +105,9 @@ def writable_dir(path: Path, option: str) -> None:
 def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]:
     """The training, validation and extra shard sets, checked before any training: all there, validation
     of the training set's joints, every extra set's joints mapping onto them."""
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards is not set: name the shard directory to train on (written by "
+                          "`mshg shard`, e.g. data.train_shards=runs/shards/lspet-train)")
     try:
         train = ShardSet.open(cfg.data.train_shards)
         val = ShardSet.open(cfg.data.val_shards) if cfg.data.val_shards else None

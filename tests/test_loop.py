@@ -202,8 +202,9 @@ def test_missing_shards_are_an_error_before_any_rank_starts(lspet_shards, tmp_pa
                           cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}: no such shard directory" in proc.stderr
     from pipeline.config import ConfigError, load_config
+    from pipeline.train import open_shards
     with pytest.raises(ConfigError, match="data.train_shards is not set"):
-        load_config(None, ["model.channels=8"])
+        open_shards(load_config(None, ["model.channels=8"]))
     for config in ("msc_hg.yaml", "stacked_hg8.yaml", "msc_hg_cpu.yaml", "lspet_cpu.yaml"):
         assert load_config(REPO / "configs" / config).data.train_shards  # every config names its data
 

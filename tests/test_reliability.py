@@ -61,6 +61,30 @@ def tmpfs(path: Path, size: str, *options: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.fixture(scope="module")
+def finished_run(lspet_shards, tmp_path_factory):
+    """One finished 2-step run (runs/base with its checkpoint, config and weights; the MLflow store) that
+    the checkpoint tests copy instead of training their own."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "base"}, stop={"max_steps": 2})
+    proc = train(tmp, cfg)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp
+
+
+def copy_of(finished: Path, tmp: Path, name: str = "base") -> tuple[Path, Path]:
+    """The finished run copied under `tmp` as run `name`: (its config, its run directory)."""
+    shutil.copytree(finished / "runs" / "base", tmp / "runs" / name)
+    shutil.copy(finished / "mlflow.db", tmp / "mlflow.db")
+    import yaml
+
+    values = yaml.safe_load((finished / "tiny.yaml").read_text())
+    values["train"].update(out_dir=str(tmp / "runs"), run_name=name)
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    return cfg, tmp / "runs" / name
+
+
 # --- failures are recorded and explained -------------------------------------------------------------
 
 def test_nan_loss_is_one_line_and_a_failed_run(lspet_shards, tmp_path):
@@ -161,10 +185,9 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_crafted_checkpoint_runs_no_code_on_resume_or_export(lspet_shards, tmp_path, capsys):
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "evil"}, stop={"max_steps": 2})
-    assert train(tmp_path, cfg).returncode == 0
-    tag = tmp_path / "runs" / "evil" / "checkpoints" / "step00000002"
+def test_crafted_checkpoint_runs_no_code_on_resume_or_export(finished_run, tmp_path, capsys):
+    cfg, run_dir = copy_of(finished_run, tmp_path, "evil")
+    tag = run_dir / "checkpoints" / "step00000002"
     marker = tmp_path / "pwned"
     with open(tag / "mp_rank_00_model_states.pt", "wb") as f:
         pickle.dump(Payload(marker), f)
@@ -185,11 +208,9 @@ def test_crafted_checkpoint_runs_no_code_on_resume_or_export(lspet_shards, tmp_p
     assert not marker.exists()
 
 
-def test_empty_checkpoint_file_is_named_on_resume(lspet_shards, tmp_path):
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "empty"}, stop={"max_steps": 2})
-    assert train(tmp_path, cfg).returncode == 0
-    tag = tmp_path / "runs" / "empty" / "checkpoints" / "step00000002"
-    victim = next(tag.glob("*optim_states.pt"))
+def test_empty_checkpoint_file_is_named_on_resume(finished_run, tmp_path):
+    cfg, run_dir = copy_of(finished_run, tmp_path)
+    victim = next((run_dir / "checkpoints" / "step00000002").glob("*optim_states.pt"))
     victim.write_bytes(b"")
     proc = train(tmp_path, cfg, "stop.max_steps=3")
     assert proc.returncode == 2 and victim.name in proc.stderr and "Traceback" not in proc.stderr
@@ -212,13 +233,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(lspet_shards, tmp_
         assert mlflow_run(tmp_path, "full").info.status == "FAILED"
 
 
-def test_refused_resume_changes_nothing_of_the_run(lspet_shards, tmp_path):
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "keep"}, stop={"max_steps": 2})
-    assert train(tmp_path, cfg).returncode == 0
-    saved = (tmp_path / "runs" / "keep" / "config.yaml").read_text()
+def test_refused_resume_changes_nothing_of_the_run(finished_run, tmp_path):
+    cfg, run_dir = copy_of(finished_run, tmp_path)
+    saved = (run_dir / "config.yaml").read_text()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     proc = train(tmp_path, cfg, "train.micro_batch=2", "stop.max_steps=3")  # another batch: refused
     assert proc.returncode == 2 and "cannot resume exactly" in proc.stderr
-    assert (tmp_path / "runs" / "keep" / "config.yaml").read_text() == saved
+    assert (run_dir / "config.yaml").read_text() == saved
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 
 # --- inputs checked before the work -------------------------------------------------------------------
@@ -258,13 +280,11 @@ def test_read_only_out_dir_unwritable_outputs_and_bad_weights_are_lines(lspet_sh
             load_config(REPO / "configs" / "msc_hg_cpu.yaml", [bad])
 
 
-def test_evaluate_on_a_truncated_tar_is_a_line(lspet_shards, tmp_path, capsys):
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "w"}, stop={"max_steps": 1})
-    assert train(tmp_path, cfg, "data.val_shards=").returncode == 0
+def test_evaluate_on_a_truncated_tar_is_a_line(finished_run, lspet_shards, tmp_path, capsys):
     shards = copy_shards(lspet_shards["val"], tmp_path / "val")
     tar = shards / "shard-000000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    code = mshg(["evaluate", "--checkpoint", str(tmp_path / "runs" / "w"), "--shards", str(shards)])
+    code = mshg(["evaluate", "--checkpoint", str(finished_run / "runs" / "base"), "--shards", str(shards)])
     err = capsys.readouterr().err
     assert code == 2 and "shard-000000.tar" in err and "cut short or replaced" in err and "Traceback" not in err
 
@@ -280,7 +300,8 @@ def test_runs_against_an_unreachable_server_is_quick_and_one_line(tmp_path):
     assert "cannot read runs from http://127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_one_rank_run_listens_on_no_network_port(lspet_shards, tmp_path):
+def test_one_rank_run_listens_only_on_loopback(lspet_shards, tmp_path):
+    """A world of one has no rendezvous: no TCP store on every interface, gloo's pair socket on `lo`."""
     import psutil
 
     cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "ports"}, stop={"max_steps": 400})
@@ -291,7 +312,7 @@ def test_one_rank_run_listens_on_no_network_port(lspet_shards, tmp_path):
             if re.search(r"step +1 epoch", line):
                 break
         listening = [c for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
-        assert not listening, listening
+        assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
     finally:
         proc.kill()
         proc.wait(60)

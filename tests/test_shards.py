@@ -92,7 +92,7 @@ def tar_bytes(out):
 def lspet_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("lspet")
     r = subprocess.run([sys.executable, "-m", "shards.cli", "shard", "lspet", "--root", SAMPLE, "--out", out,
-                        "--maxcount", "64", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "--maxcount", "64", "--order", "source", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "200 samples in 4 shards, 0 skipped" in r.stdout
     return out
@@ -173,7 +173,8 @@ def test_lspet_dali_round_trip(lspet_out):
 
 
 def test_range_and_determinism(tmp_path, capsys):
-    """--range 1:160 is im00001..im00160; same input -> identical bytes, whatever --workers."""
+    """--range 1:160 is im00001..im00160 (in a seeded shuffle, the default order); same input -> identical
+    bytes, whatever --workers."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", a, "--range", "1:160", "--maxcount", 50)[0] == 0
     assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", b, "--range", "1:160", "--maxcount", 50,
@@ -181,7 +182,7 @@ def test_range_and_determinism(tmp_path, capsys):
     assert manifest(a)["num_samples"] == 160
     ids = [int(np.load(io.BytesIO(t.extractfile(m).read()))[0]) for s in manifest(a)["shards"]
            for t in [tarfile.open(a / s["tar"])] for m in t.getmembers() if m.name.endswith(".idx.npy")]
-    assert ids == list(range(1, 161))
+    assert sorted(ids) == list(range(1, 161)) and ids != sorted(ids)
     assert tar_bytes(a) == tar_bytes(b) and len(tar_bytes(a)) == 8
     assert [s["sha256"] for s in manifest(a)["shards"]] == [s["sha256"] for s in manifest(b)["shards"]]
     assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", a, "--range", "1:160", "--maxcount", 50,
@@ -251,6 +252,9 @@ def test_bad_images_are_skipped_and_counted(tmp_path, capsys):
     (images / "im00004.jpg").write_bytes(b"")  # zero bytes
     (images / "im00005.jpg").write_bytes(b"\0" * 64 + data[64:])  # corrupt header
     code, out, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "out")
+    assert code == 1 and "3 of 6 persons (50 %) were skipped for a problem, more than --max-skipped 0.2" in err
+    code, out, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "out", "--overwrite",
+                         "--max-skipped", "0.6")  # a user who expects these skips says so
     assert code == 0, err
     m = manifest(tmp_path / "out")
     reasons = {s["key"]: s["reason"] for s in m["skipped"]}
@@ -307,7 +311,7 @@ def test_bad_annotation_files(tmp_path, capsys):
     bad_json.write_text('[{"image": "a.jpg", "center": [1, 2], "scale": 1, "joints_vis": []}]')
     code, _, err = run(capsys, "shard", "mpii", "--images", root, "--annotations", bad_json, "--out", tmp_path / "o5")
     assert code == 2 and "record 0 has no field 'joints'" in err
-    bad_json.write_text('{"images": [], "annotations": {}}')
+    bad_json.write_text('{"images": [], "annotations": {}, "categories": [{"id": 1, "keypoints": ["a"]}]}')
     code, _, err = run(capsys, "shard", "coco", "--images", root, "--annotations", bad_json, "--out", tmp_path / "o6")
     assert code == 2 and "field 'annotations' missing or not a list" in err
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
@@ -353,7 +357,8 @@ def test_full_disk_leaves_no_shard_looking_complete(tmp_path):
 
 def test_verify_names_the_bad_shard_and_sample(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:20", "--maxcount", 10, "--out", out)[0] == 0
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:20", "--maxcount", 10, "--out", out,
+               "--order", "source")[0] == 0
     m = manifest(out)
     # a flipped byte in a JPEG of the second shard
     tar = out / "shard-000001.tar"
