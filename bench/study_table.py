@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     p.add_argument("--plot", default=str(REPO / "docs" / "pck_vs_minutes.png"))
     p.add_argument("--experiment", default="mshg")
+    p.add_argument("--summary-run", default="study-summary", help="the MLflow run the table and plot go to")
     args = p.parse_args()
 
     import matplotlib
@@ -116,7 +117,7 @@ def main() -> None:
         text += "\n" + table + "\n"
     out.write_text(text)
     mlflow.set_experiment(args.experiment)
-    with mlflow.start_run(run_name="study-summary", tags={"study_runs": ",".join(r["run_id"] for r in rows)}):
+    with mlflow.start_run(run_name=args.summary_run, tags={"study_runs": ",".join(r["run_id"] for r in rows)}):
         mlflow.log_artifact(args.plot)
         mlflow.log_text(table, "study.md")
     print(table)

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="a shard directory (with manifest.json)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    p.add_argument("--sheet", default=None, metavar="PNG",
+                   help="also draw a contact sheet of the first 16 validation crops (truth green, prediction red)")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
     p.add_argument("--modules", default=None, metavar="M,N,...",

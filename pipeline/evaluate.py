@@ -406,6 +406,8 @@ def main(args) -> int:
         eval_cfg = dataclasses.replace(eval_cfg, modules=modules)
         cfg = dataclasses.replace(cfg, eval=eval_cfg)
     photos = getattr(args, "photos", None)
+    if photos and getattr(args, "sheet", None):
+        raise ValueError("--sheet draws the validation crops: leave out --photos")
     if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
         flip = shards.flip_permutation() if eval_cfg.flip else None
         results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size)
@@ -413,8 +415,19 @@ def main(args) -> int:
     else:
         loader = build_loader(shards, cfg.data, batch_size=args.batch_size, train=False,
                               device_id=device.index or 0 if device.type == "cuda" else None)
-        results = evaluate_loader(model, loader, device, eval_cfg, shards.flip_permutation())
+        sheet = getattr(args, "sheet", None)
+        results = evaluate_loader(model, loader, device, eval_cfg, shards.flip_permutation(),
+                                  keep_images=16 if sheet else 0)
         how = "the validation crops"
+        if sheet:
+            import cv2
+
+            from pipeline.plots import prediction_grid
+
+            grid = prediction_grid(results, tile=224, skeleton=shards.skeleton)
+            if not cv2.imwrite(str(sheet), grid[..., ::-1]):
+                raise SystemExit(f"--sheet {sheet}: could not write the image")
+            print(f"contact sheet of {sum(r.image is not None for r in results.values())} crops -> {sheet}")
     metrics = summarise(results, shards)
     if len(results) != shards.num_samples:
         raise SystemExit(f"evaluated {len(results)} samples but {args.shards} holds {shards.num_samples}")

@@ -3,6 +3,7 @@ then the run's weights through `mshg evaluate` and `mshg predict`; batch math, D
 ZeRO-1/3 with 2 ranks (train, resume, export)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,7 +49,17 @@ def two_rank_run(lspet_shards, tmp_path_factory):
     cmd = [str(REPO / "launch" / "deepspeed.sh"), "--num_gpus", "2", "--master_port", free_port(), str(cfg)]
     proc = subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp, proc.stdout
+    return tmp, proc.stdout + proc.stderr
+
+
+def test_a_log_written_to_a_file_reads_cleanly(two_rank_run):
+    """Output to a pipe (a SLURM file, `> log`): plain lines, no progress-bar frames, no third-party
+    FutureWarnings per rank, and rank 0 alone reports the steps."""
+    _, output = two_rank_run
+    assert "\r" not in output
+    assert "FutureWarning" not in output, [line for line in output.splitlines() if "FutureWarning" in line]
+    steps = re.findall(r"step +(\d+) epoch", output)
+    assert steps and len(steps) == len(set(steps)), steps  # each logged step once, not once per rank
 
 
 def test_two_rank_zero2_run_logs_every_stage_loss_to_mlflow(two_rank_run):
@@ -100,8 +111,13 @@ def test_run_directory_feeds_evaluate_and_predict(two_rank_run, lspet_shards, tm
     run_dir = tmp / "runs" / "ddp"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000005"
     assert (run_dir / "model.safetensors").is_file()
-    assert mshg(["evaluate", "--checkpoint", str(run_dir), "--shards", str(lspet_shards["val"])]) == 0
-    assert "PCK@0.2 = " in capsys.readouterr().out
+    sheet = tmp_path / "sheet.png"
+    assert mshg(["evaluate", "--checkpoint", str(run_dir), "--shards", str(lspet_shards["val"]),
+                 "--sheet", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert "PCK@0.2 = " in out and f"contact sheet of 16 crops -> {sheet}" in out
+    import cv2
+    assert cv2.imread(str(sheet)).shape == (4 * 224, 4 * 224, 3)  # 16 crops, 4 a row
 
     images = [str(SAMPLE / "images" / "im00161.jpg"), str(SAMPLE / "images" / "im00162.jpg")]
     bad = tmp_path / "broken.jpg"
