@@ -2,6 +2,7 @@
 
 Source truth comes from outside the pipeline: joints.mat read with scipy, images decoded with PIL,
 matrices built in numpy (`augment_matrix`), crops made with OpenCV."""
+import dataclasses
 import hashlib
 import io
 import json
@@ -304,3 +305,21 @@ def test_colour_jitter_is_a_gain_per_channel_and_sample(lspet_shards, size):
             gains.append(g)
     gains = np.array(gains).reshape(-1, 3)
     assert np.ptp(gains, axis=1).mean() > 0.05 and np.ptp(gains, axis=0).min() > 0.1  # per channel, per sample
+
+
+def test_whole_image_framing_is_the_crop_mshg_predict_makes_of_a_bare_photo(lspet_shards):
+    """data.whole_image_prob=1: every training crop frames the whole photo exactly as `mshg predict`
+    frames a photo given without a box (scale, rotation and flip switched off to compare)."""
+    shards = ShardSet.open(lspet_shards["train"])
+    size = 96
+    cfg = DataConfig(input_size=size, scale_range=[1.0, 1.0], rotation_prob=0.0, flip_prob=0.0,
+                     whole_image_prob=1.0, **FIXED)
+    b = read_all(shards, cfg, train=True, batch=8)[0]
+    for i, sid in enumerate(b["sample_id"].view(-1).tolist()):
+        height, width = source_image(sid).shape[:2]
+        np.testing.assert_allclose(b["matrix"][i].numpy(), crop_matrix([0, 0, width, height], size, cfg.padding),
+                                   rtol=1e-4, atol=2e-3)
+    tight = read_all(shards, dataclasses.replace(cfg, whole_image_prob=0.0), train=True, batch=8)[0]
+    sid = tight["sample_id"].view(-1).tolist()[0]
+    np.testing.assert_allclose(tight["matrix"][0].numpy(), crop_matrix(tight_box(sid), size, cfg.padding),
+                               rtol=1e-4, atol=2e-3)  # and 0: the person's box, as before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -257,3 +258,10 @@ def test_ranks_rotate_over_the_shards_each_epoch(lspet_shards):
     r0, r1 = epochs(0), epochs(1)
     assert r0[0] == r1[1] and r1[0] == r0[1] and not r0[0] & r1[0]
     assert len(r0[0] | r1[0]) == 48
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine runs the real smoke test")
+def test_gpu_smoke_without_a_gpu_says_so_and_exits_0():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_smoke.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "no NVIDIA GPU on this machine" in proc.stdout, proc.stdout + proc.stderr

@@ -161,3 +161,39 @@ def test_counts_and_describe():
 def test_build_model_rejects_too_small_input():
     with pytest.raises(ValueError):
         build_model(ModelConfig(stages=[[8, 1]], hg_min_size=4), J, input_size=32)  # 4 px at /8: no room
+
+
+def test_stage_channels_set_each_scales_width_and_are_checked():
+    """model.stage_channels (the CPU recipe: 32/64/96) widens each scale's modules, stem branch and merge
+    convs; a wrong count is a config error."""
+    cfg = load_config(None, ["data.input_size=64", "model.channels=16", "model.stage_channels=[8,16,24]"])
+    model = build_model(cfg.model, J, 64)
+    assert [m.heatmaps.in_channels for m in model.hg_modules] == [8, 8, 16, 16, 16, 16, 24, 24]
+    assert [c.out_channels for c in model.merge_features] == [8, 16, 16, 16, 16, 24, 24]
+    stem = model.stem(torch.randn(1, 3, 64, 64))
+    assert {k: tuple(v.shape[1:]) for k, v in stem.items()} == {"2": (8, 32, 32), "4": (16, 16, 16), "8": (24, 8, 8)}
+    out = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in out] == [(2, J, 32, 32)] * 2 + [(2, J, 16, 16)] * 4 + [(2, J, 8, 8)] * 2
+    assert count_parameters(model) != count_parameters(build_model(load_config(
+        None, ["data.input_size=64", "model.channels=16"]).model, J, 64))
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="model.stage_channels must give one width >= 1 per stage"):
+        load_config(None, ["model.stage_channels=[8,16]"])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_setting_changes_the_memory_order_not_the_result(channels_last):
+    """train.channels_last: the normalised input is NHWC in memory (True) or NCHW-contiguous (False);
+    the model's heatmaps are the same either way."""
+    from pipeline.data import to_model_input
+
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    x = to_model_input(images, channels_last)
+    assert x.shape == (2, 3, 64, 64)
+    assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert x.is_contiguous() == (not channels_last)
+    model = small_model().eval()
+    with torch.no_grad():
+        reference = model(to_model_input(images, False).contiguous())
+        for a, b in zip(model(x), reference):
+            torch.testing.assert_close(a.contiguous(), b, rtol=1e-4, atol=1e-4)
