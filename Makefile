@@ -23,12 +23,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(DALI),test]"
 	touch $@
 
-# Shard the embedded LSPET sample: images 1-160 train, 161-200 held apart for validation.
+# Shard the embedded LSPET sample: images 1-160 train, 161-200 held apart for validation. Its own
+# folders (demo-*): the full LSPET shards of the recipe (lspet-*) are never overwritten by the sample.
 shards: setup
-	$(BIN)/mshg shard lspet --root shards/sample/lspet --out $(SHARDS)/lspet-train --range 1:160 --overwrite --quiet
-	$(BIN)/mshg shard lspet --root shards/sample/lspet --out $(SHARDS)/lspet-val --range 161:200 --overwrite --quiet
-	$(BIN)/mshg verify $(SHARDS)/lspet-train --quiet
-	$(BIN)/mshg verify $(SHARDS)/lspet-val --quiet
+	$(BIN)/mshg shard lspet --root shards/sample/lspet --out $(SHARDS)/demo-train --range 1:160 --overwrite --quiet
+	$(BIN)/mshg shard lspet --root shards/sample/lspet --out $(SHARDS)/demo-val --range 161:200 --overwrite --quiet
+	$(BIN)/mshg verify $(SHARDS)/demo-train --quiet
+	$(BIN)/mshg verify $(SHARDS)/demo-val --quiet
 
 # The main job on the embedded default: DeepSpeed ZeRO-2 on 2 CPU ranks fed by DALI, tracked in MLflow.
 train: setup

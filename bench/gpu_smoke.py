@@ -74,7 +74,8 @@ def dali_gpu_vs_cpu(val: Path) -> None:
     import torch
 
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, build_loader, unpack
+    from pipeline.data import build_loader, unpack
+    from shards.format import ShardSet
 
     shards, cfg = ShardSet.open(val), DataConfig(train_shards=str(val), input_size=256)
     gpu = unpack(next(iter(build_loader(shards, cfg, 16, train=False, device_id=0))), torch.device("cuda"))
@@ -92,7 +93,8 @@ def loader_speed(train: Path) -> None:
     import torch
 
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, build_loader
+    from pipeline.data import build_loader
+    from shards.format import ShardSet
 
     shards, cfg = ShardSet.open(train), DataConfig(train_shards=str(train), input_size=256, num_threads=4)
     before = torch.cuda.memory_reserved(0)

@@ -39,7 +39,9 @@ sys.path.insert(0, str(REPO))  # run from anywhere without installing
 import torch  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data import ShardSet, augment_matrix, build_loader, unpack  # noqa: E402
+from pipeline.data import build_loader, unpack
+from pipeline.inputs import augment_matrix
+from shards.format import ShardSet  # noqa: E402
 from pipeline.targets import make_targets, swap_flipped  # noqa: E402
 
 DEFAULT_LSPET = REPO.parent / "shared" / "data" / "lspet"

@@ -109,9 +109,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping
     zero_stage: int = 2  # overridden by zero_optimization.stage of the `deepspeed` file, if it has one
     deepspeed: str = ""  # optional DeepSpeed config file (YAML/JSON) merged over the derived one
-    # bf16 | fp16 | fp32: mixed precision by torch.autocast (DeepSpeed's `torch_autocast`): convolutions in
-    # the low precision, fp32 weights, optimizer state and BatchNorm statistics. fp16: GPUs only.
-    precision: str = "bf16"
+    # auto | bf16 | fp16 | fp32: mixed precision by torch.autocast (DeepSpeed's `torch_autocast`): convolutions
+    # in the low precision, fp32 weights, optimizer state and BatchNorm statistics. fp16: GPUs only. auto: bf16
+    # where the hardware computes it (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32: a CPU without
+    # them emulates bf16 ~10x slower than fp32 (docs/results.md, throughput)
+    precision: str = "auto"
     channels_last: bool = True  # NHWC activations: what oneDNN (CPU) and cuDNN tensor cores run fastest
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and exported; 0: off
     device: str = "auto"  # auto (CUDA if torch has it, said loudly) | cuda (an error without CUDA) | cpu
@@ -227,8 +229,19 @@ def validate(cfg: Config) -> None:
                           "needs its shards")
     if d.extra_sets:
         mix_sizes(t.micro_batch, [d.train_weight] + [x.weight for x in d.extra_sets])
-    if not 0 <= d.whole_image_prob <= 1:
-        raise ConfigError(f"data.whole_image_prob must be in [0, 1]; got {d.whole_image_prob}")
+    # every data setting checked here, before DeepSpeed and the MLflow run start (not at the first batch)
+    if d.interp not in INTERPOLATIONS:
+        raise ConfigError(f"data.interp must be one of {', '.join(INTERPOLATIONS)}; got {d.interp!r}")
+    for key in ("whole_image_prob", "rotation_prob", "flip_prob"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key} must be in [0, 1]; got {getattr(d, key)}")
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high; got {d.scale_range}")
+    if not (d.padding > 0 and d.sigma > 0 and d.rotation_deg >= 0 and 0 <= d.color_jitter < 1):
+        raise ConfigError(f"data.padding and data.sigma must be > 0, data.rotation_deg >= 0, data.color_jitter in "
+                          f"[0, 1); got {d.padding}, {d.sigma}, {d.rotation_deg}, {d.color_jitter}")
+    if d.num_threads < 1 or d.shuffle_buffer < 1:
+        raise ConfigError(f"data.num_threads and data.shuffle_buffer must be >= 1; got {d.num_threads}, {d.shuffle_buffer}")
     modules = sum(n for _, n in m.stages)
     if any(not 1 <= k <= modules for k in e.modules) or len(set(e.modules)) != len(e.modules):
         raise ConfigError(f"eval.modules must list distinct modules 1..{modules}; got {e.modules}")
@@ -243,7 +256,8 @@ def validate(cfg: Config) -> None:
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "step")
-PRECISIONS = ("bf16", "fp32", "fp16")
+INTERPOLATIONS = ("auto", "linear", "nn")
+PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 RESUME_MODES = ("auto", "never", "require")
 # DeepSpeed keys that are derived from train.* and may not come from a `train.deepspeed` file

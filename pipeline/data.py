@@ -14,11 +14,6 @@ done in torch (`pipeline.targets.swap_flipped`).
 """
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -31,91 +26,14 @@ except ImportError as e:  # the extra that matches the machine's CUDA was not in
                       f"machines) or -e '.[cuda13]' (CUDA 13)") from None
 
 from pipeline.config import DataConfig
+from shards.format import DALI_EXTS, IMAGE_EXT, ShardSet
 
 OUTPUTS = ["image", "keypoints", "flip", "matrix", "sample_id"]
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class ShardSet:
-    """A directory written by `mshg shard`: tars, DALI indexes and manifest.json."""
-    root: Path
-    tars: list[str]
-    indexes: list[str]
-    num_samples: int
-    joints: list[str]
-    flip_pairs: list[list[int]]
-    dataset: str
-    skeleton: list[list[int]]
-    oks_sigmas: list[float]
-
-    @classmethod
-    def open(cls, root: str | Path) -> "ShardSet":
-        root = Path(root)
-        manifest_path = root / "manifest.json"
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such shard directory; write shards with `mshg shard ...` first")
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: no manifest; write shards with `mshg shard ...` first")
-        m = json.loads(manifest_path.read_text())
-        tars = [str(root / s["tar"]) for s in m["shards"]]
-        indexes = [str(root / s["index"]) for s in m["shards"]]
-        for path in tars + indexes:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: listed in {manifest_path} but missing")
-        for path, shard in zip(tars, m["shards"]):  # a stat: catches a cut or replaced tar before DALI does
-            size = Path(path).stat().st_size
-            if "bytes" in shard and size != shard["bytes"]:
-                raise ValueError(f"{path}: {size} bytes, but {manifest_path} says {shard['bytes']}: the tar was cut "
-                                 f"short or replaced; run `mshg verify {root}` and re-shard")
-        if not int(m["num_samples"]):
-            raise ValueError(f"{manifest_path}: the shard set holds no samples (see its skip report)")
-        from pipeline.plots import skeleton_for
-
-        return cls(root, tars, indexes, int(m["num_samples"]), list(m["joints"]),
-                   [list(p) for p in m["flip_pairs"]], m.get("dataset", "unknown"),
-                   [list(p) for p in m.get("skeleton") or skeleton_for(len(m["joints"]))], list(m.get("oks_sigmas") or []))
-
-    def flip_permutation(self) -> list[int]:
-        return flip_permutation(len(self.joints), self.flip_pairs)
-
-
-def flip_permutation(num_joints: int, flip_pairs: list[list[int]]) -> list[int]:
-    """Joint i of a mirrored image is joint perm[i] of the original (left and right swapped)."""
-    perm = list(range(num_joints))
-    for a, b in flip_pairs:
-        perm[a], perm[b] = b, a
-    return perm
-
-
-def crop_matrix(box, input_size: int, padding: float) -> np.ndarray:
-    """The validation crop as a 2x3 matrix in continuous coordinates: the box's centre to the crop's,
-    its longer side times `padding` to the crop's side. The DALI pipeline builds the same one with
-    fn.transforms (tests hold the two equal); `mshg predict` crops photos with it."""
-    return augment_matrix(box, input_size, padding)
-
-
-def augment_matrix(box, input_size: int, padding: float, scale: float = 1.0, angle: float = 0.0,
-                   flip: bool = False) -> np.ndarray:
-    """The pipeline's 2x3 matrix in numpy (continuous coordinates, source -> crop): translate the box
-    centre to the origin, zoom (divided by `scale`; x negated for a flip), rotate by `angle` degrees
-    ([[cos, -sin], [sin, cos]], clockwise on screen since y points down), move to the crop centre.
-    With scale 1, angle 0 and no flip it is `crop_matrix`."""
-    x0, y0, w, h = [float(v) for v in box]
-    zoom = input_size / (max(w, h) * padding) / scale
-    cx, cy = x0 + w / 2 + 0.5, y0 + h / 2 + 0.5
-    a = math.radians(angle)
-    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    lin = rot @ np.diag([-zoom if flip else zoom, zoom])
-    return np.concatenate([lin, (np.array([input_size / 2] * 2) - lin @ [cx, cy])[:, None]], 1).astype(np.float32)
 
 
 def warp_interp(cfg: DataConfig, train: bool, gpu: bool) -> str:
     """linear or nn. `auto`: linear, except training crops on a CPU: there DALI's linear warp costs
     about 3.5 ms of CPU per 256x256 crop (nearest: 0.35 ms; docs/data.md), more than all the rest."""
-    if cfg.interp not in ("auto", "linear", "nn"):
-        raise ValueError(f"data.interp must be auto, linear or nn; got {cfg.interp!r}")
     if cfg.interp != "auto":
         return cfg.interp
     return "nn" if train and not gpu else "linear"
@@ -131,7 +49,7 @@ def apply_gains(image, gains):
 def pose_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int, num_shards: int, gpu: bool):
     """One graph for both devices; `gpu` only picks the decoder backend and where pixels are warped."""
     jpeg, kp, box, sample_id = fn.readers.webdataset(
-        paths=shards.tars, index_paths=shards.indexes, ext=["jpg;png", "kp.npy", "box.npy", "idx.npy"],
+        paths=shards.tars, index_paths=shards.indexes, ext=DALI_EXTS,
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer,
         pad_last_batch=True, seed=cfg.seed, name="reader")
     # DALI 2.4's CPU numpy decoder needs C-order arrays (a Fortran-order one fails with a CUDA error);
@@ -216,7 +134,7 @@ def reader_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: in
     @pipeline_def
     def replay():
         image, = fn.readers.webdataset(
-            paths=shards.tars, index_paths=shards.indexes, ext=["jpg;png"], shard_id=shard_id,
+            paths=shards.tars, index_paths=shards.indexes, ext=[IMAGE_EXT], shard_id=shard_id,
             num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer, pad_last_batch=True,
             seed=cfg.seed, name="reader"),
         return image
@@ -345,20 +263,6 @@ def unpack(batch: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: b[k].to(device, non_blocking=True) for k in OUTPUTS}
 
 
-def joint_map(model_joints: list[str], set_joints: list[str], names: dict[str, str], where: str) -> list[int]:
-    """For each model joint, the index of the set's joint it is (by `names`, else by the same name), or
-    -1 when the set does not label it."""
-    bad = sorted(set(names) - set(model_joints)) + sorted(set(names.values()) - set(set_joints))
-    if bad:
-        raise ValueError(f"{where}: joints {bad} are not among the model's {model_joints} / the set's {set_joints}")
-    index = {n: i for i, n in enumerate(set_joints)}
-    out = [index.get(names.get(j, j), -1) for j in model_joints]
-    if max(out) < 0:
-        raise ValueError(f"{where}: none of the set's joints {set_joints} maps onto the model's {model_joints}; "
-                         f"map them with data.extra_sets[].joints (model joint: set joint)")
-    return out
-
-
 class MixedBatches:
     """Training micro-batches from one shard set, or from several mixed by weight in every batch:
     `sizes[k]` samples of set k (config.mix_sizes), each set's keypoints put in the model's joint order
@@ -400,18 +304,6 @@ class MixedBatches:
             raise ValueError(f"the checkpoint mixes {len(sets)} dataset(s), the config {len(self.streams)}")
         for s, st in zip(self.streams, sets):
             s.load_state_dict(st)
-
-
-def to_model_input(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 (B, H, W, 3) RGB -> normalised float32 (B, 3, H, W) on the images' device. The permuted
-    view keeps the HWC memory order, i.e. channels_last: every convolution then runs NHWC, which
-    oneDNN and cuDNN run fastest (1.5x a step on this CPU; the weights may stay NCHW, as DeepSpeed
-    keeps them). channels_last=False makes it NCHW-contiguous."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x if channels_last else x.contiguous()
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

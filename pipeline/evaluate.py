@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import EvalConfig
-from pipeline.data import to_model_input
+from pipeline.inputs import to_model_input
 
 # LSP/LSPET joint order: 2 = right hip, 9 = left shoulder
 LSP_TORSO = (9, 2)
@@ -386,7 +386,8 @@ def describe_eval(cfg: EvalConfig, modules: int) -> str:
 
 def main(args) -> int:
     """`mshg evaluate`: one process, the validation crop over every sample of a shard set."""
-    from pipeline.data import ShardSet, build_loader
+    from pipeline.data import build_loader
+    from shards.format import ShardSet
     from pipeline.predict import inference_device
     from pipeline.weights import load_trained
 

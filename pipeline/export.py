@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data import IMAGE_MEAN, IMAGE_STD
+from pipeline.inputs import IMAGE_MEAN, IMAGE_STD
 
 OPSET = 17
 

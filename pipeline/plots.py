@@ -7,21 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-# limbs by joint count (the datasets' orders, see ../shared/data/README.md)
-SKELETONS = {
-    14: [(0, 1), (1, 2), (3, 4), (4, 5), (2, 3), (2, 8), (3, 9), (6, 7), (7, 8), (9, 10), (10, 11),
-         (8, 12), (9, 12), (12, 13)],  # LSP / LSPET
-    16: [(0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9), (10, 11), (11, 12),
-         (12, 7), (7, 13), (13, 14), (14, 15)],  # MPII
-    17: [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
-         (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)],  # COCO
-}
+from shards.datasets import skeleton_for
+
 PRED_COLOUR = (255, 64, 32)  # RGB
 TRUTH_COLOUR = (40, 220, 40)
-
-
-def skeleton_for(num_joints: int) -> list[tuple[int, int]]:
-    return SKELETONS.get(num_joints, [])
 
 
 def draw_skeleton(image: np.ndarray, keypoints: np.ndarray, colour=PRED_COLOUR, thickness: int = 2,

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import crop_matrix, flip_permutation
 from pipeline.evaluate import crop_to_original, predict_crops
+from pipeline.inputs import crop_matrix
 from pipeline.weights import load_trained
+from shards.format import flip_permutation
 
 BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
 

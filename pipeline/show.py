@@ -88,8 +88,9 @@ def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data import ShardSet, build_loader, unpack
-    from pipeline.targets import make_targets, swap_flipped
+    from pipeline.data import build_loader, unpack
+    from pipeline.inputs import training_inputs
+    from shards.format import ShardSet
 
     cfg = load_config(config, overrides)
     shards = ShardSet.open(shards_dir or (cfg.data.train_shards if train else cfg.data.val_shards))
@@ -98,8 +99,8 @@ def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool
         raise ValueError(f"--stride {stride}: the model makes heatmaps at strides {strides}")
     loader = build_loader(shards, cfg.data, batch, train=train, device_id=None)
     b = unpack(next(iter(loader)), torch.device("cpu"))
-    keypoints = swap_flipped(b["keypoints"], b["flip"], shards.flip_permutation())
-    heatmaps, weights = make_targets(keypoints, cfg.data.input_size, strides, cfg.data.sigma)
+    _, keypoints, heatmaps, weights = training_inputs(b, shards.flip_permutation(), cfg.data.input_size, strides,
+                                                      cfg.data.sigma)
     size = cfg.data.input_size
     scale = max(1, round(256 / size))  # small crops enlarged so that the marks stay legible
     tiles = []

@@ -63,6 +63,9 @@ def add_commands(subparsers):
     p.add_argument("--annotations", required=True, help="person_keypoints_*.json or any COCO-format keypoint file")
     p.add_argument("--name", default="coco", help="the dataset's name in the manifest and in MLflow (e.g. crowdpose)")
     p.add_argument("--min-keypoints", type=int, default=1, help="persons with fewer labelled keypoints are skipped")
+    p.add_argument("--keypoints-field", default=None, metavar="NAME",
+                   help="the annotation field holding the category's joints (default: `keypoints`, or the one "
+                        "field whose length matches the category, e.g. keypoints_21)")
     p.add_argument("--flip-pairs", default=None, metavar="A:B,...",
                    help="left/right joint pairs (names or 0-based indices); default: from left/right in the names")
     p.add_argument("--oks-sigmas", default=None, metavar="S,...",
@@ -92,7 +95,8 @@ def read_records(args):
             records, skipped, report = reader(args.images, args.annotations)
         else:
             table = datasets.coco_dataset(args.annotations, args.name, args.flip_pairs, args.oks_sigmas)
-            records, skipped, report = datasets.read_coco(args.images, args.annotations, args.min_keypoints)
+            records, skipped, report = datasets.read_coco(args.images, args.annotations, args.min_keypoints,
+                                                          args.keypoints_field)
     if args.split_file:
         names = datasets.read_split_file(args.split_file)
         records = [r for r in records if os.path.basename(r.image) in names]
@@ -133,6 +137,8 @@ def run_shard(args):
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
         print(f"  skipped {count}: {reason}")
+    if manifest.get("keypoints_field", "keypoints") != "keypoints":
+        print(f"  joints read from field '{manifest['keypoints_field']}' (its length matches the category's joints)")
     if manifest.get("missing_images"):
         print(f"  {len(manifest['missing_images'])} images listed in the annotations are missing (manifest: missing_images)")
     if n == 0:

@@ -62,6 +62,13 @@ COCO_OKS_SIGMAS = dict(zip(COCO_JOINTS, (.26, .25, .25, .35, .35, .79, .79, .72,
 COCO_OKS_SIGMAS = {k: v / 10.0 for k, v in COCO_OKS_SIGMAS.items()}
 DEFAULT_OKS_SIGMA = 0.08
 
+SKELETONS = {14: LSP_SKELETON, 16: MPII_SKELETON, 17: COCO_SKELETON}  # by joint count, for manifests without one
+
+
+def skeleton_for(num_joints: int) -> list[tuple[int, int]]:
+    return list(SKELETONS.get(num_joints, []))
+
+
 DATASETS = {
     "lsp": Dataset("lsp", LSP_JOINTS, LSP_FLIP_PAIRS, LSP_SKELETON),
     "lspet": Dataset("lspet", LSP_JOINTS, LSP_FLIP_PAIRS, LSP_SKELETON),
@@ -407,9 +414,30 @@ def read_mpii_mat(images, annotations):
 # COCO
 
 
-def read_coco(images, annotations, min_keypoints=1):
+def keypoints_field(annotations, anns: list, cat_id, num_joints: int, asked: str | None = None) -> str:
+    """The annotation field that holds the category's joints: `asked` (--keypoints-field), else
+    `keypoints` when its length is 3 x the category's joint count, else the one list field of that
+    length (sets such as COCO-WholeBody keep 17 body joints in `keypoints` and the whole set in
+    another field, e.g. `keypoints_21`)."""
+    person = next((a for a in anns if isinstance(a, dict) and a.get("category_id") == cat_id), None)
+    if person is None or asked:
+        return asked or "keypoints"
+    sizes = {k: len(v) for k, v in person.items() if isinstance(v, list) and k.startswith("keypoints")}
+    if sizes.get("keypoints") == 3 * num_joints:
+        return "keypoints"
+    fits = sorted(k for k, n in sizes.items() if n == 3 * num_joints)
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise AnnotationError(f"{annotations}: fields {fits} each hold {num_joints} joints x 3: choose one with "
+                              f"--keypoints-field")
+    return "keypoints"  # none fits: each annotation is then skipped as "wrong joint count"
+
+
+def read_coco(images, annotations, min_keypoints=1, field=None):
     """person_keypoints_*.json: one sample per non-crowd person with >= min_keypoints labelled
-    keypoints. v is kept as 0/1/2; bbox kept. Sample key/idx = the annotation id."""
+    keypoints. v is kept as 0/1/2; bbox kept. Sample key/idx = the annotation id. The joints come
+    from `field`, or the field `keypoints_field` finds; the report says which."""
     data = _load_json(annotations)
     if not isinstance(data, dict):
         raise AnnotationError(f"{annotations}: expected a JSON object with 'images' and 'annotations'")
@@ -421,6 +449,7 @@ def read_coco(images, annotations, min_keypoints=1):
         raise AnnotationError(f"{annotations}: no category with 'keypoints' in field 'categories'")
     cat = cats[0]
     num_joints = len(cat["keypoints"])
+    field = keypoints_field(annotations, data["annotations"], cat["id"], num_joints, field)
     image_info = {}
     for k, im in enumerate(data["images"]):
         image_info[_field(annotations, f"images[{k}]", im, "id")] = im
@@ -439,13 +468,13 @@ def read_coco(images, annotations, min_keypoints=1):
             skipped.append(_skip(source, f"image id {image_id} not in field 'images'"))
             continue
         try:
-            kps = np.asarray(_field(annotations, where, ann, "keypoints"), dtype=np.float64)
+            kps = np.asarray(_field(annotations, where, ann, field), dtype=np.float64)
             bbox = [float(b) for b in _field(annotations, where, ann, "bbox")]
             ann_id = int(ann_id)
         except (TypeError, ValueError):
-            raise AnnotationError(f"{annotations}: {where} has a non-numeric 'keypoints', 'bbox' or 'id'") from None
+            raise AnnotationError(f"{annotations}: {where} has a non-numeric '{field}', 'bbox' or 'id'") from None
         if kps.size != 3 * num_joints:
-            skipped.append(_skip(source, f"wrong joint count: {kps.size} keypoint values, expected {3 * num_joints}"))
+            skipped.append(_skip(source, f"wrong joint count: {kps.size} values in '{field}', expected {3 * num_joints}"))
             continue
         kps = kps.reshape(num_joints, 3)
         labelled = int((kps[:, 2] > 0).sum())
@@ -467,7 +496,7 @@ def read_coco(images, annotations, min_keypoints=1):
     # the public subsets list more images than they ship: say which, once, instead of failing on them
     missing = [str(im.get("file_name")) for im in data["images"]
                if not os.path.isfile(resolve_image(images, str(im.get("file_name"))))]
-    return records, skipped, {"missing_images": missing}
+    return records, skipped, {"missing_images": missing, "keypoints_field": field}
 
 
 def resolve_image(images, file_name):

@@ -16,18 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-NPY_MEMBERS = {"kp.npy", "box.npy", "idx.npy"}
-IMAGE_MEMBERS = {"jpg", "png"}
-
-
-def load_manifest(out):
-    path = os.path.join(out, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    for name in ("dataset", "joints", "flip_pairs", "num_samples", "shards", "skipped"):
-        if name not in manifest:
-            raise ValueError(f"{path}: field '{name}' missing")
-    return manifest
+from shards.format import IMAGE_MEMBERS, META_MEMBER, NPY_MEMBERS, read_manifest
 
 
 def index_matches(tar_path, idx_path):
@@ -63,8 +52,8 @@ def check_sample(members, num_joints):
     """Problems of one sample, given {ext: bytes}."""
     problems = []
     exts = set(members)
-    images = exts & IMAGE_MEMBERS
-    expected = NPY_MEMBERS | {"json"}
+    images = exts & set(IMAGE_MEMBERS)
+    expected = set(NPY_MEMBERS) | {META_MEMBER}
     if len(images) != 1 or exts - images != expected:
         return [f"members {sorted(exts)}, expected one of jpg/png plus {sorted(expected)}"]
     ext = images.pop()
@@ -95,7 +84,7 @@ def check_sample(members, num_joints):
     if idx is not None and (idx.dtype != np.int64 or idx.shape != (1,)):
         problems.append(f"idx.npy is {idx.dtype} {idx.shape}, expected int64 (1,)")
     try:
-        json.loads(members["json"])
+        json.loads(members[META_MEMBER])
     except ValueError as e:
         problems.append(f"json unreadable ({e})")
     return problems
@@ -121,7 +110,7 @@ def read_samples(tar_path):
 def verify(out, progress=True):
     """-> list of problem strings (empty = all good)."""
     try:
-        manifest = load_manifest(out)
+        manifest = read_manifest(out)
     except (OSError, ValueError) as e:
         return [f"manifest: {e}"]
     num_joints = len(manifest["joints"])

@@ -19,7 +19,9 @@ from wds2idx import IndexCreator
 
 from pipeline.cli import main as mshg
 from pipeline.config import DataConfig
-from pipeline.data import BadSampleError, ShardSet, augment_matrix, build_loader, crop_matrix, unpack
+from pipeline.data import BadSampleError, build_loader, unpack
+from pipeline.inputs import augment_matrix, crop_matrix
+from shards.format import ShardSet
 from pipeline.evaluate import crop_to_original
 from pipeline.targets import make_targets, swap_flipped
 from tests.conftest import SAMPLE, shard_sample

@@ -37,7 +37,8 @@ def annotated_persons(annotations: Path, min_keypoints: int = 1) -> dict[int, np
 ])
 def test_coco_format_sets_shard_verify_and_read_back(name, folder, joints, pairs, tmp_path, capsys):
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, build_loader, unpack
+    from pipeline.data import build_loader, unpack
+    from shards.format import ShardSet
     from pipeline.evaluate import crop_to_original
 
     annotations = next((FIXTURES / folder).glob("*.json"))
@@ -68,7 +69,8 @@ def test_flipped_crop_swaps_left_and_right_by_the_manifest(tmp_path):
     """flip_prob=1: in the mirrored crop, after the relabelling with the pairs derived from CrowdPose's
     names, the left wrist is where the mirrored right wrist is."""
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, build_loader, unpack
+    from pipeline.data import build_loader, unpack
+    from shards.format import ShardSet
     from pipeline.targets import swap_flipped
 
     out = tmp_path / "cp"
@@ -131,7 +133,8 @@ def test_oks_ap_of_a_coco_format_set_uses_its_own_sigmas(tmp_path):
     """CrowdPose's ground truth as the prediction through the validation crop: AP 1.0 with its 14
     joints (COCO's evaluation needed 17 before)."""
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, build_loader, unpack
+    from pipeline.data import build_loader, unpack
+    from shards.format import ShardSet
     from pipeline.evaluate import SampleResult, summarise
 
     out = tmp_path / "cp"
@@ -187,7 +190,9 @@ def test_two_rank_training_on_a_weighted_mix_of_lspet_and_mpii(lspet_shards, tmp
 
 def test_mixed_batches_map_joints_and_leave_the_rest_unlabelled(lspet_shards, tmp_path):
     from pipeline.config import DataConfig
-    from pipeline.data import MixedBatches, ShardSet, TrainBatches, joint_map
+    from pipeline.data import MixedBatches, TrainBatches
+    from pipeline.inputs import joint_map
+    from shards.format import ShardSet
 
     mpii = tmp_path / "mpii"
     assert mshg(["shard", "mpii", "--images", str(FIXTURES / "mpii"), "--annotations",
@@ -206,3 +211,24 @@ def test_mixed_batches_map_joints_and_leave_the_rest_unlabelled(lspet_shards, tm
     assert batch["keypoints"][3, lsp.joints.index("head_top")].tolist() == [0.0, 0.0, 0.0]  # unlabelled
     state = mixed.state_dict()
     assert [s["drawn"] for s in state["sets"]] == [1, 1]
+
+
+def test_joints_from_the_field_whose_length_matches_the_category(tmp_path, capsys):
+    """A file whose category lists N joints while `keypoints` holds fewer and another field holds N (as
+    COCO-WholeBody-style sets do): the matching field is taken and named; --keypoints-field chooses."""
+    source = next((FIXTURES / "crowdpose").glob("*.json"))
+    data = json.loads(source.read_text())
+    for ann in data["annotations"]:
+        ann["keypoints_14"], ann["keypoints"] = ann["keypoints"], ann["keypoints"][:12 * 3]  # 12 of 14 joints
+    annotations = tmp_path / "wholebody_style.json"
+    annotations.write_text(json.dumps(data))
+    expected = annotated_persons(source)
+    capsys.readouterr()
+    assert shard_coco(tmp_path / "auto", "crowdpose", annotations, FIXTURES / "crowdpose") == 0
+    assert "joints read from field 'keypoints_14'" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert manifest["num_samples"] == len(expected) and manifest["keypoints_field"] == "keypoints_14"
+    # asked for the short field: every person is skipped for its joint count, named, and the command fails
+    assert shard_coco(tmp_path / "short", "crowdpose", annotations, FIXTURES / "crowdpose",
+                      "--keypoints-field", "keypoints") == 1
+    assert "wrong joint count" in capsys.readouterr().out

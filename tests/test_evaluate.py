@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from pipeline.cli import main as mshg
-from pipeline.data import ShardSet, build_loader, unpack
+from pipeline.data import build_loader, unpack
+from shards.format import ShardSet
 from pipeline.config import DataConfig
 from pipeline.evaluate import (SampleResult, coco_keypoint_eval, crop_heatmaps, decode_heatmaps, format_pck, headline, pck, pckh,
                                read_metadata, summarise, tracked_metrics)
 from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
 COCO_MINI = SHARED_DATA / "coco_mini"
 LSP_FLIP = [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 12, 13]

@@ -4,14 +4,17 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from pipeline.cli import main as mshg
-from pipeline.data import to_model_input
+from pipeline.inputs import to_model_input
 from pipeline.predict import crop, read_image
 from pipeline.weights import load_trained
 from tests.conftest import SAMPLE
 from tests.test_predict import LSP_JOINTS, weights  # noqa: F401  (the weights fixture)
+
+pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
 
 def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):  # noqa: F811
@@ -40,3 +43,30 @@ def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):  # noqa:
 def test_export_needs_something_to_do(weights, capsys):  # noqa: F811
     assert mshg(["export", "--checkpoint", str(weights)]) == 2
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_export_and_predict_run_without_dali(weights, tmp_path):  # noqa: F811
+    """ONNX export and `mshg predict` need no DALI: a process where importing nvidia.dali fails (as on a
+    machine without it) exports and predicts; only the data pipeline needs DALI."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    image = str(SAMPLE / "images" / "im00161.jpg")
+    script = (
+        "import sys\n"
+        "sys.modules['nvidia.dali'] = None  # `import nvidia.dali` now raises ImportError\n"
+        "from pipeline.cli import main\n"
+        f"assert main(['export', '--checkpoint', {str(weights)!r}, '--onnx', {str(tmp_path / 'm.onnx')!r}]) == 0\n"
+        f"assert main(['predict', '--checkpoint', {str(weights)!r}, '--out', {str(tmp_path / 'p.json')!r}, {image!r}]) == 0\n"
+        "assert not any(name.startswith('nvidia.dali.') for name in sys.modules), 'DALI was imported'\n"
+        "try:\n"
+        "    import pipeline.data\n"
+        "except ImportError as e:\n"
+        "    print('data pipeline:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NVIDIA DALI is missing" in proc.stdout  # the one module that needs it says so
+    assert (tmp_path / "m.onnx").stat().st_size > 10_000
+    assert len(json.loads((tmp_path / "p.json").read_text())["predictions"]) == 1

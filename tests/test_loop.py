@@ -208,6 +208,17 @@ def test_missing_shards_are_an_error_before_any_rank_starts(lspet_shards, tmp_pa
         open_shards(load_config(None, ["model.channels=8"]))
     for config in ("msc_hg.yaml", "stacked_hg8.yaml", "msc_hg_cpu.yaml", "lspet_cpu.yaml"):
         assert load_config(REPO / "configs" / config).data.train_shards  # every config names its data
+    # the demo shards its 160-image sample into its own folders: no config but the demo's trains on them,
+    # and the demo never overwrites the recipe's full LSPET shards
+    demo = {load_config(REPO / "configs" / "msc_hg_cpu.yaml").data.train_shards,
+            load_config(REPO / "configs" / "msc_hg_cpu.yaml").data.val_shards}
+    assert demo == {"runs/shards/demo-train", "runs/shards/demo-val"}
+    makefile = (REPO / "Makefile").read_text()
+    assert "--out $(SHARDS)/demo-train" in makefile and "--out $(SHARDS)/lspet" not in makefile
+    for path in (REPO / "configs").glob("*.yaml"):
+        if path.name != "msc_hg_cpu.yaml":
+            data = load_config(path).data
+            assert not {data.train_shards, data.val_shards} & demo, path
 
 
 # --- data order ----------------------------------------------------------------------------------------
@@ -223,7 +234,8 @@ def test_training_batches_do_not_follow_dataset_order(order, tmp_path):
     draws them, are uncorrelated with dataset order. Written in source order they are not (DALI
     shuffles only within its buffer): the test can tell the two apart."""
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, TrainBatches
+    from pipeline.data import TrainBatches
+    from shards.format import ShardSet
 
     out = tmp_path / order
     assert mshg(["shard", "lspet", "--root", str(SAMPLE), "--out", str(out), "--range", "1:200", "--maxcount", "50",
@@ -242,7 +254,8 @@ def test_ranks_rotate_over_the_shards_each_epoch(lspet_shards):
     """Epoch e, rank r reads the reader shard (r + e) % world_size: rank 0's second epoch is over the
     samples rank 1 had in the first, so no rank trains on half of the data only."""
     from pipeline.config import DataConfig
-    from pipeline.data import ShardSet, TrainBatches
+    from pipeline.data import TrainBatches
+    from shards.format import ShardSet
 
     shards = ShardSet.open(lspet_shards["train"])  # 48 samples, micro-batch 8, 2 ranks: 3 batches per epoch
     cfg = DataConfig(train_shards=str(lspet_shards["train"]), input_size=64, num_threads=1, shuffle_buffer=16)

@@ -10,6 +10,8 @@ from pipeline.config import ModelConfig, load_config
 from pipeline.model import (PoseNet, build_model, count_flops, count_parameters, describe,
                             hourglass_depth)
 
+pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
+
 J = 14
 MSC_HG = [[2, 2], [4, 4], [8, 2]]
 STACKED = [[4, 8]]
@@ -185,7 +187,7 @@ def test_stage_channels_set_each_scales_width_and_are_checked():
 def test_channels_last_setting_changes_the_memory_order_not_the_result(channels_last):
     """train.channels_last: the normalised input is NHWC in memory (True) or NCHW-contiguous (False);
     the model's heatmaps are the same either way."""
-    from pipeline.data import to_model_input
+    from pipeline.inputs import to_model_input
 
     images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     x = to_model_input(images, channels_last)

@@ -12,6 +12,8 @@ from pipeline.model import build_model
 from pipeline.weights import save_weights
 from tests.conftest import SAMPLE
 
+pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
+
 LSP_JOINTS = ["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
               "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top"]
 LSP_PAIRS = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]

@@ -1,6 +1,10 @@
 """The convergence stop on constructed loss sequences."""
+import pytest
+
 from pipeline.config import StopConfig
 from pipeline.stop import CONVERGED, MAX_EPOCHS, MAX_STEPS, ConvergenceStop
+
+pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
 
 def run(losses, **kw):

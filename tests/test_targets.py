@@ -1,8 +1,11 @@
 """Heatmap targets and the cascade loss."""
+import pytest
 import torch
 
 from pipeline.evaluate import decode_heatmaps
 from pipeline.targets import cascade_loss, joint_weights, make_targets, swap_flipped
+
+pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
 SIZE = 256
 STRIDES = [2, 2, 4, 4, 4, 4, 8, 8]

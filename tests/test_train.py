@@ -201,7 +201,7 @@ def test_deepspeed_config_from_train_settings_and_zero_files():
         load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.lr_schedule=step"])
     assert "torch_autocast" not in deepspeed_config(load_config(REPO / "configs" / "msc_hg_cpu.yaml",
                                                                 ["train.precision=fp32"]), 1)
-    with pytest.raises(ConfigError, match="train.precision must be one of bf16, fp32, fp16"):
+    with pytest.raises(ConfigError, match="train.precision must be one of auto, bf16, fp32, fp16"):
         load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.precision=int8"])
     with pytest.raises(ConfigError, match="train.bf16"):  # the old key is refused by name
         load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.bf16=true"])
@@ -270,3 +270,43 @@ def test_two_rank_zero_stage_trains_checkpoints_resumes_and_exports(stage, lspet
     trained = load_file(str(tmp_path / "runs" / name / "model.safetensors"))  # exported by the run itself
     assert all((exported[k] == trained[k]).all() for k in exported)
     assert mshg(["evaluate", "--checkpoint", str(out), "--shards", str(lspet_shards["val"])]) == 0
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it():
+    """`auto` (the default) trains in bf16 only on hardware with bf16 instructions: a CPU without them
+    (AVX2 only, as some of the project's machines) emulates bf16 ~10x slower than fp32."""
+    import torch
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.distributed import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert load_config(REPO / "configs" / "lspet_cpu.yaml").train.precision == "auto"
+    has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(cpu) == has_bf16
+    precision, why = resolve_precision("auto", cpu)
+    assert precision == ("bf16" if has_bf16 else "fp32") and "train.precision=auto" in why
+    assert resolve_precision("fp32", cpu)[0] == "fp32" and resolve_precision("bf16", cpu)[0] == "bf16"
+    if not has_bf16:  # asked for explicitly, bf16 is honoured, with the warning in the log line
+        assert "emulated" in resolve_precision("bf16", cpu)[1]
+    with pytest.raises(ConfigError, match="fp16 needs GPUs"):
+        resolve_precision("fp16", cpu)
+
+
+def test_slurm_rendezvous_port_is_the_job_scripts_rule(monkeypatch):
+    """Under srun without launch/slurm/common.sh, the trainer derives the same MASTER_PORT as the script."""
+    from pipeline.distributed import fill_env_from_slurm, slurm_master_port
+
+    for key in ("RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("MASTER_ADDR", "node1")  # else scontrol names the first node
+    fill_env_from_slurm()
+    import os
+
+    assert os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
+    assert os.environ["MASTER_PORT"] == str(slurm_master_port(123456)) == str(15000 + 123456 % 15000)
+    script = (REPO / "launch" / "slurm" / "common.sh").read_text()
+    assert "$((15000 + SLURM_JOB_ID % 15000))" in script

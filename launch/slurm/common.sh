@@ -54,7 +54,7 @@ export PYTHONPATH="$MSHG_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # the job is requeued.
 hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 export MASTER_ADDR=${hosts%%$'\n'*}
-export MASTER_PORT=${MSHG_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
+export MASTER_PORT=${MSHG_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}  # = pipeline.distributed.slurm_master_port
 # One compute thread per allocated CPU, not one per core of the node (ranks share nodes).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # SLURM 22.05 srun does not inherit --cpus-per-task from sbatch; this variable makes it.

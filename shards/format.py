@@ -1,0 +1,85 @@
+"""The shard format, in one place: what a sample's members are called, and the manifest reader.
+`shards/write.py` writes it, `shards/verify.py` checks it, `pipeline/data.py` (DALI) reads it. No DALI here:
+evaluation, predict and export open shard sets without it.
+
+A sample {key} has five members: {key}.jpg (or .png), {key}.box.npy, {key}.idx.npy, {key}.json and
+{key}.kp.npy (see docs/shards.md). DALI's webdataset reader names a member by everything after the
+key's first dot (its `ext`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.datasets import skeleton_for
+
+IMAGE_MEMBERS = ("jpg", "png")
+NPY_MEMBERS = ("kp.npy", "box.npy", "idx.npy")
+META_MEMBER = "json"
+IMAGE_EXT = ";".join(IMAGE_MEMBERS)  # DALI: one output for either image member
+DALI_EXTS = [IMAGE_EXT, *NPY_MEMBERS]  # the reader's outputs: image, keypoints, box, sample id
+MANIFEST_FIELDS = ("dataset", "joints", "flip_pairs", "num_samples", "shards", "skipped")
+
+
+def read_manifest(root: str | Path) -> dict:
+    """root/manifest.json, with the fields every reader relies on checked."""
+    path = Path(root) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable manifest ({e})") from None
+    missing = [name for name in MANIFEST_FIELDS if name not in manifest]
+    if missing:
+        raise ValueError(f"{path}: field(s) {', '.join(missing)} missing; re-shard with `mshg shard`")
+    return manifest
+
+
+@dataclass
+class ShardSet:
+    """A directory written by `mshg shard`: tars, DALI indexes and manifest.json."""
+    root: Path
+    tars: list[str]
+    indexes: list[str]
+    num_samples: int
+    joints: list[str]
+    flip_pairs: list[list[int]]
+    dataset: str
+    skeleton: list[list[int]]
+    oks_sigmas: list[float]
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ShardSet":
+        root = Path(root)
+        manifest_path = root / "manifest.json"
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such shard directory; write shards with `mshg shard ...` first")
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no manifest; write shards with `mshg shard ...` first")
+        m = read_manifest(root)
+        tars = [str(root / s["tar"]) for s in m["shards"]]
+        indexes = [str(root / s["index"]) for s in m["shards"]]
+        for path in tars + indexes:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: listed in {manifest_path} but missing")
+        for path, shard in zip(tars, m["shards"]):  # a stat: catches a cut or replaced tar before DALI does
+            size = Path(path).stat().st_size
+            if "bytes" in shard and size != shard["bytes"]:
+                raise ValueError(f"{path}: {size} bytes, but {manifest_path} says {shard['bytes']}: the tar was cut "
+                                 f"short or replaced; run `mshg verify {root}` and re-shard")
+        if not int(m["num_samples"]):
+            raise ValueError(f"{manifest_path}: the shard set holds no samples (see its skip report)")
+        return cls(root, tars, indexes, int(m["num_samples"]), list(m["joints"]),
+                   [list(p) for p in m["flip_pairs"]], m.get("dataset", "unknown"),
+                   [list(p) for p in m.get("skeleton") or skeleton_for(len(m["joints"]))], list(m.get("oks_sigmas") or []))
+
+    def flip_permutation(self) -> list[int]:
+        return flip_permutation(len(self.joints), self.flip_pairs)
+
+
+def flip_permutation(num_joints: int, flip_pairs: list[list[int]]) -> list[int]:
+    """Joint i of a mirrored image is joint perm[i] of the original (left and right swapped)."""
+    perm = list(range(num_joints))
+    for a, b in flip_pairs:
+        perm[a], perm[b] = b, a
+    return perm
