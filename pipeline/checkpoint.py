@@ -29,6 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
@@ -265,3 +266,13 @@ class Checkpointer:
         for old in tags[:-self.keep]:
             if old != keep_also:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+
+
+def full_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The model's whole fp32 state dict, on every rank (ZeRO-3 partitions the weights: gathered first)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

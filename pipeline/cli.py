@@ -20,18 +20,17 @@ import sys
 
 def cmd_train(args) -> int:
     if args.ranks > 1:  # DeepSpeed's launcher starts the ranks; we repeat the run's summary at the end
-        from datetime import datetime
         from pathlib import Path
 
         from pipeline.config import batch_plan, load_config
         from pipeline.distributed import choose_device, launcher_devices
-
+        from pipeline.run_folder import SUMMARY_FILE, default_run_name
         from pipeline.train import open_shards
 
         cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any rank starts
         batch_plan(cfg.train, args.ranks)  # and so does a batch that does not split over the ranks
         open_shards(cfg)  # and missing shards or a validation set of other joints
-        run_name = cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_name = default_run_name(cfg)  # fixed here, so that every rank and the summary agree
         choose_device(cfg.train.device)  # the launcher counts devices of DS_ACCELERATOR's kind
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [launcher, *launcher_devices(args.ranks), "--master_port", str(args.master_port),
@@ -39,7 +38,7 @@ def cmd_train(args) -> int:
                f"train.run_name={run_name}"]
         print(" ".join(cmd), flush=True)
         code = subprocess.call(cmd)
-        summary = Path(cfg.train.out_dir) / run_name / "summary.txt"
+        summary = Path(cfg.train.out_dir) / run_name / SUMMARY_FILE
         if code == 0 and summary.is_file():
             print("\n" + summary.read_text(), end="", flush=True)
         elif code not in (0, 75):  # 75: checkpointed after a signal, the run is KILLED and resumable
@@ -114,27 +113,13 @@ def cmd_runs(args) -> int:
 
 def cmd_propose_stop(args) -> int:
     """`mshg propose-stop RUN`: stop.expected_loss / tolerance / window from a calibration run's curves."""
-    from mlflow.tracking import MlflowClient
-
     from pipeline.stop import propose
+    from pipeline.track import run_curves
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
-    exp = client.get_experiment_by_name(args.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{args.run}'") if exp else []
-    if not runs:
-        raise ValueError(f"no run named {args.run!r} in experiment {args.experiment!r}")
-    run = runs[0]
-
-    def curve(key):
-        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-        return [m.step for m in points], [m.value for m in points]
-
-    metric = next((k for k in ("pck", "pckh", "coco/AP") if k in run.data.metrics), None)
-    if metric is None:
-        raise ValueError(f"run {args.run} has no validation metric (train it with data.val_shards and train.eval_every)")
-    steps, smoothed = curve("loss/smoothed")
-    eval_steps, values = curve(metric)
-    minutes = dict(zip(*curve("minutes")))
+    curves, metric = run_curves(args.run, args.experiment, args.tracking_uri, ("loss/smoothed", "minutes"))
+    steps, smoothed = curves["loss/smoothed"]
+    eval_steps, values = curves[metric]
+    minutes = dict(zip(*curves["minutes"]))
     p = propose(steps, smoothed, eval_steps, values, args.within / 100)
     print(f"calibration run {args.run}: best {metric} {100 * p['best']:.1f} at {p['last_step']} steps; within "
           f"{args.within:g} points of it from step {p['target_step']}")

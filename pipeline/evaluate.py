@@ -21,50 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import EvalConfig
-from pipeline.inputs import to_model_input
+from shards.datasets import LSP_JOINTS, MPII_JOINTS
+from pipeline.inference import crop_to_original, predict_crops, predict_images
 
 # LSP/LSPET joint order: 2 = right hip, 9 = left shoulder
-LSP_TORSO = (9, 2)
+TORSO_JOINTS = ("left_shoulder", "right_hip")  # PCK's torso size: from one to the other, by joint name
+LSP_TORSO = tuple(LSP_JOINTS.index(name) for name in TORSO_JOINTS)  # (9, 2) in LSP order
 MPII_HEAD_BIAS = 0.6  # SC_BIAS of the official MPII script: head size = 0.6 x head-box diagonal
-MPII_EXCLUDED = (6, 7)  # pelvis, thorax: not in the official mean
+MPII_NOT_IN_MEAN = ("pelvis", "thorax")  # as the official MPII script
+MPII_EXCLUDED = tuple(MPII_JOINTS.index(name) for name in MPII_NOT_IN_MEAN)  # (6, 7) in MPII order
 COCO_STATS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
-
-
-def decode_heatmaps(heatmaps: torch.Tensor, stride: int) -> torch.Tensor:
-    """(B, J, H, W) -> (B, J, 3): x, y in continuous input-crop coordinates, and the peak score.
-
-    Argmax, then a quarter-pixel shift towards the higher neighbour (Newell et al.)."""
-    b, j, h, w = heatmaps.shape
-    flat = heatmaps.float().reshape(b, j, -1)
-    score, index = flat.max(-1)
-    x = (index % w).float()
-    y = torch.div(index, w, rounding_mode="floor").float()
-    hm = heatmaps.float()
-    xi, yi = x.long(), y.long()
-    bi = torch.arange(b, device=hm.device)[:, None].expand(b, j)
-    ji = torch.arange(j, device=hm.device)[None, :].expand(b, j)
-
-    def at(yy, xx):
-        return hm[bi, ji, yy.clamp(0, h - 1), xx.clamp(0, w - 1)]
-
-    dx = torch.where((xi > 0) & (xi < w - 1), torch.sign(at(yi, xi + 1) - at(yi, xi - 1)), torch.zeros_like(x))
-    dy = torch.where((yi > 0) & (yi < h - 1), torch.sign(at(yi + 1, xi) - at(yi - 1, xi)), torch.zeros_like(y))
-    x = (x + 0.25 * dx + 0.5) * stride
-    y = (y + 0.25 * dy + 0.5) * stride
-    return torch.stack([x, y, score], -1)
-
-
-def crop_to_original(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """Continuous crop coordinates (B, J, 2) -> 0-based pixel coordinates of the original image,
-    through the inverse of the 2x3 crop matrix (B, 2, 3) that made the crop."""
-    full = torch.cat([matrix.double(), torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64,
-                                                    device=matrix.device).expand(len(matrix), 1, 3)], 1)
-    inv = torch.linalg.inv(full)[:, :2]
-    xy = points.double() @ inv[:, :, :2].transpose(1, 2) + inv[:, None, :, 2]
-    return (xy - 0.5).float()
 
 
 def pck(pred: np.ndarray, gt: np.ndarray, torso: tuple[int, int] = LSP_TORSO, threshold: float = 0.2) -> dict:
@@ -83,44 +51,6 @@ def pck(pred: np.ndarray, gt: np.ndarray, torso: tuple[int, int] = LSP_TORSO, th
     mean = float(correct.sum() / max(labelled.sum(), 1))
     return {"pck": mean, "per_joint": per_joint.tolist(), "persons": int(has_torso.sum()),
             "left_out": int((~has_torso).sum())}
-
-
-def fuse_heatmaps(outputs: list[torch.Tensor], strides: list[int], modules: list[int]) -> tuple[torch.Tensor, int]:
-    """The heatmaps predictions are decoded from: the mean of the listed modules' (1-based; empty: the
-    last module), each resized bilinearly to the finest stride among them. -> (heatmaps, stride).
-    Cell k has its centre at (k + 0.5) * stride at every stride, and bilinear resizing with
-    align_corners=False keeps centres on centres, so the maps line up."""
-    chosen = [m - 1 for m in modules] or [len(outputs) - 1]
-    stride = min(strides[i] for i in chosen)
-    size = outputs[chosen[0]].shape[-1] * strides[chosen[0]] // stride
-    maps = [outputs[i].float() if strides[i] == stride else
-            F.interpolate(outputs[i].float(), size=(size, size), mode="bilinear", align_corners=False)
-            for i in chosen]
-    return torch.stack(maps).mean(0), stride
-
-
-@torch.no_grad()
-def crop_heatmaps(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
-                  modules: list[int] = ()) -> tuple[torch.Tensor, int]:
-    """uint8 crops (B, S, S, 3) -> (heatmaps (B, J, H, W) in float32, their stride), in fp32.
-
-    With `flip_perm` (the dataset's left/right permutation), the flip test: the mirrored crops go
-    through the model too, their heatmaps are mirrored back, left and right joints swapped, and the
-    two are averaged. Mirroring pixel i to S-1-i maps continuous x to S - x, and heatmap cell k
-    (centre (k + 0.5) * stride) to cell W-1-k, so the two heatmaps line up without a shift."""
-    x = to_model_input(images)
-    heatmaps, stride = fuse_heatmaps(model(x), model.strides, list(modules))
-    if flip_perm is not None:
-        flipped, _ = fuse_heatmaps(model(torch.flip(x, dims=[3])), model.strides, list(modules))
-        flipped = torch.flip(flipped, dims=[3])[:, list(flip_perm)]
-        heatmaps = (heatmaps + flipped) * 0.5
-    return heatmaps, stride
-
-
-def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
-                  modules: list[int] = ()) -> torch.Tensor:
-    """uint8 crops (B, S, S, 3) -> keypoints (B, J, 3) in crop coordinates: x, y and the peak score."""
-    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules))
 
 
 def pckh(pred: np.ndarray, gt: np.ndarray, head_boxes: np.ndarray, threshold: float = 0.5,
@@ -234,6 +164,48 @@ def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: E
     return results
 
 
+def evaluate_shards(model: torch.nn.Module, shards, cfg, batch_size: int, world, device_id: int | None,
+                    keep_images: int = 8) -> dict[int, SampleResult] | None:
+    """Training's evaluation: every rank predicts its part of `shards` (DALI's validation crops); rank 0
+    gets everyone's results (the crops of the `keep_images` smallest ids kept for the prediction grid),
+    the other ranks None."""
+    from pipeline.data import build_loader
+    from pipeline.distributed import gather_objects
+
+    loader = build_loader(shards, cfg.data, batch_size, train=False, rank=world.rank, world_size=world.size,
+                          device_id=device_id)
+    results = evaluate_loader(model, loader, world.device, cfg.eval, shards.flip_permutation(),
+                              keep_images=keep_images if world.is_main else 0)
+    merged = {}
+    for part in gather_objects(results, world):
+        merged.update(part)
+    return merged if world.is_main else None
+
+
+class Validation:
+    """Training's evaluations of data.val_shards: `evaluate_shards` on every rank, then rank 0 computes the
+    dataset's metric and logs it, with the prediction grid of the fixed preview images, to MLflow."""
+
+    def __init__(self, shards, cfg, batch_size: int, world, device_id: int | None, tracker, log):
+        self.shards, self.cfg, self.batch_size, self.world, self.device_id = shards, cfg, batch_size, world, device_id
+        self.tracker, self.log = tracker, log
+
+    def run(self, model: torch.nn.Module, step: int, minutes: float) -> dict | None:
+        """The metrics on rank 0, None on the other ranks."""
+        from pipeline.plots import prediction_grid
+
+        merged = evaluate_shards(model, self.shards, self.cfg, self.batch_size, self.world, self.device_id)
+        if merged is None:
+            return None
+        metrics = summarise(merged, self.shards)
+        if len(merged) != self.shards.num_samples:
+            self.log(f"warning: evaluated {len(merged)} of {self.shards.num_samples} validation samples")
+        self.log(format_pck(metrics, self.shards.joints))
+        self.tracker.log_metrics({**tracked_metrics(metrics, self.shards.joints), "minutes": minutes}, step)
+        self.tracker.log_image(prediction_grid(merged, skeleton=self.shards.skeleton), f"predictions/step_{step:06d}.png")
+        return metrics
+
+
 def metric_kind(dataset: str, oks_sigmas=()) -> str:
     """The metric a dataset is reported with: pckh (MPII), pck (LSP/LSPET), coco (COCO and every
     COCO-format set, whose manifest carries OKS sigmas); pck otherwise."""
@@ -280,8 +252,9 @@ def summarise(results: dict[int, tuple], shards=None, metadata: dict[int, dict] 
     pred = np.stack([results[i].pred for i in ids])
     gt = np.stack([results[i].gt for i in ids])
     kind = metric_kind(shards.dataset, getattr(shards, "oks_sigmas", ())) if shards is not None else "pck"
+    joints = list(getattr(shards, "joints", LSP_JOINTS))
     if kind == "pck":
-        out = pck(pred, gt)
+        out = pck(pred, gt, joint_indices(joints, TORSO_JOINTS, "PCK's torso"))
         out.update(metric="pck", value=out["pck"])
     else:
         metadata = metadata if metadata is not None else read_metadata(shards)
@@ -289,7 +262,7 @@ def summarise(results: dict[int, tuple], shards=None, metadata: dict[int, dict] 
         pred_o, gt_o = _to_original(pred, matrices), _to_original(gt, matrices)
         if kind == "pckh":
             heads = np.array([metadata[i].get("head_box") or [np.nan] * 4 for i in ids], np.float64)
-            out = pckh(pred_o, gt_o, heads)
+            out = pckh(pred_o, gt_o, heads, excluded=joint_indices(joints, MPII_NOT_IN_MEAN, "PCKh's mean"))
             out.update(metric="pckh", value=out["pckh"])
         else:
             out = coco_keypoint_eval(pred_o, gt_o, [metadata[i] for i in ids], shards.joints,
@@ -298,6 +271,14 @@ def summarise(results: dict[int, tuple], shards=None, metadata: dict[int, dict] 
     out["kind"] = kind
     out["samples"] = len(ids)
     return out
+
+
+def joint_indices(joints: list[str], names: tuple[str, ...], what: str) -> tuple[int, ...]:
+    """The indices of joints named `names` in a dataset's joint list, or a clear error."""
+    missing = [n for n in names if n not in joints]
+    if missing:
+        raise ValueError(f"{what} needs joints {list(names)}; the dataset's joints {joints} lack {missing}")
+    return tuple(joints.index(n) for n in names)
 
 
 def headline(metrics: dict) -> str:
@@ -324,9 +305,9 @@ def format_pck(metrics: dict, joints: list[str]) -> str:
     if kind == "coco":
         lines += [f"  {k:>5s}: {100 * v:5.1f}" for k, v in metrics["stats"].items()]
     else:
-        excluded = MPII_EXCLUDED if kind == "pckh" else ()
-        lines += [f"  {name:>12s}: {100 * v:5.1f}" + ("  (not in the mean)" if j in excluded else "")
-                  for j, (name, v) in enumerate(zip(joints, metrics["per_joint"]))]
+        excluded = MPII_NOT_IN_MEAN if kind == "pckh" else ()
+        lines += [f"  {name:>12s}: {100 * v:5.1f}" + ("  (not in the mean)" if name in excluded else "")
+                  for name, v in zip(joints, metrics["per_joint"])]
     return "\n".join(lines)
 
 
@@ -355,8 +336,6 @@ def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None
     (the validation box rule, `--boxes`), or bare (no box: the whole photo, then the box of the joints
     found). Results in original pixels (an identity matrix), for `summarise`."""
     import cv2
-
-    from pipeline.predict import predict_images
 
     results: dict[int, SampleResult] = {}
     chunk: list = []
@@ -388,7 +367,7 @@ def main(args) -> int:
     """`mshg evaluate`: one process, the validation crop over every sample of a shard set."""
     from pipeline.data import build_loader
     from shards.format import ShardSet
-    from pipeline.predict import inference_device
+    from pipeline.inference import inference_device
     from pipeline.weights import load_trained
 
     device = inference_device(getattr(args, "device", "auto"))

@@ -9,6 +9,8 @@ The convergence rule, checked after every optimizer step on rank 0 (the trainer 
 """
 from __future__ import annotations
 
+import signal
+import time
 from collections import deque
 
 from pipeline.config import StopConfig
@@ -28,6 +30,36 @@ def reason_code(reason: str | None) -> int:
 
 def reason_from_code(code: int) -> str | None:
     return REASONS[code]
+
+
+class StopSignals:
+    """Preemption: SIGTERM, SIGUSR1 (SLURM's warning) and Ctrl-C ask the run to checkpoint and stop at the
+    end of the current step; every rank acts on it together (the trainer's decide_stop). A second signal,
+    also one during the checkpoint, changes nothing, except a second Ctrl-C: stop at once."""
+    HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, log=print):
+        self.received, self.time, self.log = 0, 0.0, log
+        for sig in self.HANDLED:
+            signal.signal(sig, self.request_stop)
+
+    def request_stop(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without a checkpoint")
+        if not self.received:
+            self.received, self.time = signum, time.monotonic()
+            if signum == signal.SIGINT:
+                self.log("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again: at once)")
+
+    def seconds_since(self) -> float:
+        return time.monotonic() - self.time
+
+    @classmethod
+    def ignore(cls) -> None:
+        """Python puts the default handlers back while it shuts down, so a late SIGTERM (a launcher or srun
+        passing on another signal) would turn exit 75 into "killed": once the work is saved, ignore them."""
+        for sig in cls.HANDLED:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class ConvergenceStop:

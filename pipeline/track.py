@@ -272,6 +272,15 @@ class Tracker:
         except Exception:  # MLflow internals moved: the exit hook's own try is the fallback
             pass
 
+    def log_run_inputs(self, datasets: list, params: dict, config_file, deepspeed_config: dict) -> None:
+        """A new run's records: its shard sets as dataset inputs, the flattened config as params, the
+        config file and DeepSpeed's derived config as artifacts."""
+        self.log_datasets(datasets)
+        self.log_params(params)
+        if config_file:
+            self.log_artifact(config_file)
+        self.log_dict(deepspeed_config, "deepspeed_config.json")
+
     def ui_command(self) -> str:
         """How to look at the run: the server command (a local store) and the page of the experiment's
         runs. MLflow 3.17's UI opens experiments in its GenAI view unless the URL (or its toggle at the
@@ -307,6 +316,28 @@ def mark_failed(experiment: str, run_name: str, error: str) -> bool:
     except Exception as e:  # the store is not worth a traceback after a failed run
         warnings.warn(f"could not mark MLflow run {run_name!r} FAILED ({type(e).__name__}: {e})")
         return False
+
+
+def run_curves(run_name: str, experiment: str, tracking_uri: str | None, keys: tuple[str, ...]
+               ) -> tuple[dict[str, tuple[list[int], list[float]]], str]:
+    """({key: (steps, values)} for `keys` and the run's validation metric, the metric's name) of a finished
+    run, found by name (`mshg propose-stop`)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'") if exp else []
+    if not runs:
+        raise ValueError(f"no run named {run_name!r} in experiment {experiment!r}")
+    run = runs[0]
+    metric = next((k for k in ("pck", "pckh", "coco/AP") if k in run.data.metrics), None)
+    if metric is None:
+        raise ValueError(f"run {run_name} has no validation metric (train it with data.val_shards and train.eval_every)")
+    curves = {}
+    for key in (*keys, metric):
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        curves[key] = ([m.step for m in points], [m.value for m in points])
+    return curves, metric
 
 
 def tracking_uri_hint() -> str:

@@ -10,15 +10,14 @@ the per-module MSE losses -> DeepSpeed backward; DeepSpeed steps the optimizer a
 After every step rank 0 decides whether to stop (convergence, step/epoch/time limit) and all ranks
 learn the decision in the same collective, together with any preemption signal that reached any rank.
 
-Everything a run makes goes under runs/<run_name>/: checkpoints/, model.safetensors, config.yaml,
-train.log.
+Everything a run makes goes under runs/<run_name>/ (pipeline.run_folder): checkpoints/, model.safetensors,
+config.yaml, train.log, summary.txt.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-import os
 import random
 import resource
 import signal
@@ -26,23 +25,23 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import (Config, ConfigError, batch_plan, flatten, load_config, mix_sizes, read_deepspeed_file,
-                             save_config, to_dict)
-from pipeline.data import BadSampleError, MixedBatches, TrainBatches, build_loader
+from pipeline.checkpoint import Checkpointer, full_state_dict
+from pipeline.config import Config, ConfigError, batch_plan, flatten, load_config, mix_sizes, read_deepspeed_file, to_dict
+from pipeline.data import BadSampleError, MixedBatches, TrainBatches
+from pipeline.evaluate import TORSO_JOINTS, Validation, headline, joint_indices, metric_kind
 from pipeline.inputs import joint_map, training_inputs
-from shards.format import ShardSet
-from pipeline.evaluate import evaluate_loader, format_pck, headline, summarise, tracked_metrics
+from pipeline.run_folder import CONFIG_FILE, RunFolder, default_run_name
 from pipeline.schedule import deepspeed_scheduler, make_scheduler
-from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, reason_code, reason_from_code
+from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, StopSignals, reason_code, reason_from_code
 from pipeline.targets import cascade_loss
 from pipeline.track import Tracker
+from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint, load_trained
+from shards.format import ShardSet
 
 # DeepSpeed 0.19 calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor names;
 # torch warns once per call site per rank, which fills every log. Not ours to fix: silenced at the source.
@@ -95,16 +94,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def writable_dir(path: Path, option: str) -> None:
-    """The nearest existing folder of `path` must be writable, checked before any work and without
-    writing anything."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}: cannot write {path} ({existing} is {'not a folder' if not existing.is_dir() else 'not writable'})")
-
-
 def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]:
     """The training, validation and extra shard sets, checked before any training: all there, validation
     of the training set's joints, every extra set's joints mapping onto them."""
@@ -119,6 +108,11 @@ def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]
             joint_map(train.joints, s.joints, x.joints, f"data.extra_sets[{k}] ({x.shards})")
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    if val and metric_kind(val.dataset, val.oks_sigmas) == "pck":  # PCK needs the torso joints, by name
+        try:
+            joint_indices(val.joints, TORSO_JOINTS, f"data.val_shards {cfg.data.val_shards}: PCK's torso")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if val and val.joints != train.joints:
         raise ConfigError(f"data.val_shards {cfg.data.val_shards} ({val.dataset}, {len(val.joints)} joints) has "
                           f"other joints than data.train_shards {cfg.data.train_shards} ({train.dataset}, "
@@ -141,6 +135,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_exact_resume(state: dict, **now) -> None:
+    """A checkpoint resumes exactly only with the world size, micro-batch and data seed it was written
+    with: else the data position would mean other samples, so the resume is refused."""
+    changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
+    if changed:
+        raise ConfigError(f"cannot resume exactly ({', '.join(changed)}): resume with the same ranks, "
+                          f"train.micro_batch and data.seed, or start a new run")
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -152,6 +155,43 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def build_engine(cfg: Config, world: distributed.World, num_joints: int, minutes):
+    """The model, its optimizer and learning-rate schedule (over `minutes()` when the budget is in time),
+    in DeepSpeed's engine."""
+    import deepspeed
+
+    from pipeline.model import build_model
+
+    model = build_model(cfg.model, num_joints, cfg.data.input_size)
+    optimizer = make_optimizer(cfg, model.parameters())
+    # the GPU this rank uses (distributed.gpu_index), not DeepSpeed's default cuda:LOCAL_RANK, which
+    # does not exist where a site binds one GPU to each task
+    device_rank = argparse.Namespace(device_rank=world.device.index) if world.device.type == "cuda" else None
+    engine, _, _, scheduler = deepspeed.initialize(args=device_rank, model=model, optimizer=optimizer,
+                                                   lr_scheduler=make_scheduler(cfg, optimizer, minutes),
+                                                   config=deepspeed_config(cfg, world.size))
+    return engine, scheduler
+
+
+def training_batches(cfg: Config, train: ShardSet, extra: list[ShardSet], micro_batch: int, world: distributed.World,
+                     dali_device: int | None, log) -> MixedBatches:
+    """data.train_shards alone, or mixed with data.extra_sets by weight in every micro-batch."""
+    d = cfg.data
+    sets = [(train, d.train_weight, None)] + [(s, x.weight, x) for s, x in zip(extra, d.extra_sets)]
+    sizes = mix_sizes(micro_batch, [w for _, w, _ in sets]) if len(sets) > 1 else [micro_batch]
+    streams, maps = [], []
+    for k, ((shards, _, extra_set), size) in enumerate(zip(sets, sizes)):
+        # each set its own seed: the same seed would draw the same augmentations for every set
+        data = dataclasses.replace(d, seed=d.seed + 1000 * k) if k else d
+        streams.append(TrainBatches(shards, data, size, world.rank, world.size, dali_device, log=log))
+        maps.append(joint_map(train.joints, shards.joints, extra_set.joints, f"data.extra_sets[{k - 1}]")
+                    if extra_set else None)
+    if len(sets) > 1:
+        log("mixing " + ", ".join(f"{n} of {s.dataset} ({s.root})" for (s, _, _), n in zip(sets, sizes))
+            + " in every micro-batch")
+    return MixedBatches(streams, maps, world.device)
 
 
 class Meter:
@@ -181,46 +221,45 @@ class Meter:
         shares["other"] = max(0.0, 1.0 - sum(shares.values()))
         return self.images / wall, shares
 
+    def metrics(self, losses: list[float], device: torch.device) -> dict[str, float]:
+        """A log line's metrics since the last one (and the meter reset): the losses ([total, per module]),
+        images/s, the time breakdown, and this rank's peak memory (GPU memory allocated by torch, or the
+        process's resident set on a CPU)."""
+        images_per_s, shares = self.rates()
+        self.reset()
+        metrics = {"loss/total": losses[0], "images_per_s": images_per_s, "data_wait_fraction": shares["data"]}
+        metrics.update({f"loss/stage_{i + 1}": v for i, v in enumerate(losses[1:])})
+        metrics.update({f"time_fraction/{k}": v for k, v in shares.items()})
+        metrics["peak_memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        return metrics
+
 
 class Trainer:
     def __init__(self, cfg: Config):
-        import deepspeed
-
-        from pipeline.checkpoint import Checkpointer
         from pipeline.ema import WeightAverage
-        from pipeline.model import build_model
 
-        self.cfg = cfg
         self.world = distributed.init(cfg.train.device)
         self.global_batch, self.micro_batch, self.accum = batch_plan(cfg.train, self.world.size)
         # what "auto" resolved to is what the run records (config.yaml, params) and DeepSpeed is given
-        precision, self.precision_note = distributed.resolve_precision(cfg.train.precision, self.world.device)
+        precision, precision_note = distributed.resolve_precision(cfg.train.precision, self.world.device)
         cfg = self.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-        self.signal_received, self.signal_time = 0, 0.0
-        self.install_signal_handlers()  # early: a signal during start-up is acted on after the first step
         seed_everything(cfg.data.seed + self.world.rank)
-        self.run_name = distributed.broadcast_object(
-            cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}", self.world)
-        self.run_dir = Path(cfg.train.out_dir) / self.run_name
-        writable_dir(self.run_dir, "train.out_dir")
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.world)
+        self.folder = RunFolder(cfg.train.out_dir, distributed.broadcast_object(default_run_name(cfg), self.world),
+                                self.world.is_main)
+        self.signals = StopSignals(self.log)  # early: a signal during start-up is acted on after the first step
+        self.checkpointer = Checkpointer(self.folder.path / "checkpoints", cfg.train.keep_checkpoints, self.world)
         resume_tag = self.checkpointer.resume_tag(cfg.train.resume)  # train.resume=never|require fail here
 
         self.train_shards, self.val_shards, self.extra_shards = open_shards(cfg)
         self.flip_perm = self.train_shards.flip_permutation()
-        model = build_model(cfg.model, len(self.train_shards.joints), cfg.data.input_size)
-        self.strides = model.strides
         self.minutes = 0.0  # training minutes spent, as all ranks agreed at the last step (decide_stop)
-        optimizer = make_optimizer(cfg, model.parameters())
-        # the GPU this rank uses (distributed.gpu_index), not DeepSpeed's default cuda:LOCAL_RANK, which
-        # does not exist where a site binds one GPU to each task
-        device_rank = argparse.Namespace(device_rank=self.world.device.index) if self.world.device.type == "cuda" else None
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            args=device_rank, model=model, optimizer=optimizer, lr_scheduler=make_scheduler(cfg, optimizer, lambda: self.minutes),
-            config=deepspeed_config(cfg, self.world.size))
+        self.engine, self.scheduler = build_engine(cfg, self.world, len(self.train_shards.joints), lambda: self.minutes)
+        self.strides = self.engine.module.strides
         self.ema = WeightAverage(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.dali_device = distributed.device_index(self.world)
-        self.batches = self.training_batches()
+        self.batches = training_batches(cfg, self.train_shards, self.extra_shards, self.micro_batch, self.world,
+                                        self.dali_device, self.log)
         self.stopper = ConvergenceStop(cfg.stop)
         self.step = 0  # optimizer steps done; always engine.global_steps
         self.seconds_before = 0.0  # training seconds of earlier attempts of this run (resumed)
@@ -229,46 +268,28 @@ class Trainer:
         resumed = self.checkpointer.load(self.engine, resume_tag) if resume_tag else None
         if resumed:
             self.load_state_dict(resumed, resume_tag)  # a refused resume stops here, the run dir untouched
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.tracker = Tracker(self.world.is_main, cfg.train.experiment, self.run_name,
-                               run_id=resumed.get("mlflow_run_id") if resumed else None,
-                               tags=self.run_tags())
+        config_file = self.folder.save_config(cfg) if self.world.is_main else None
+        self.tracker = Tracker(self.world.is_main, cfg.train.experiment, self.folder.path.name,
+                               run_id=resumed.get("mlflow_run_id") if resumed else None, tags=self.run_tags())
+        self.validation = Validation(self.val_shards, cfg, max(32, self.micro_batch), self.world, self.dali_device,
+                                     self.tracker, self.log) if self.val_shards else None
         if not resumed:
-            self.tracker.log_datasets([(s, "train") for s in [self.train_shards, *self.extra_shards]]
-                                      + ([(self.val_shards, "val")] if self.val_shards else []))
-            self.tracker.log_params(flatten(to_dict(cfg)))
-            self.tracker.log_artifact(self.run_dir / "config.yaml")
-            self.tracker.log_dict(deepspeed_config(cfg, self.world.size), "deepspeed_config.json")
+            self.tracker.log_run_inputs([(s, "train") for s in [self.train_shards, *self.extra_shards]]
+                                        + ([(self.val_shards, "val")] if self.val_shards else []),
+                                        flatten(to_dict(cfg)), config_file, deepspeed_config(cfg, self.world.size))
         self.log(self.world.device_note)
-        self.log(self.precision_note)
+        self.log(precision_note)
         if self.world.device.type == "cuda":  # every rank: which GPU it drives (shared nodes, SLURM binding)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
             print(f"rank {self.world.rank} (local {self.world.local_rank}): {self.world.device} "
                   f"{torch.cuda.get_device_name(self.world.device)}", flush=True)
-        self.log(f"run {self.run_name}: {self.world.size} rank(s) on {self.world.device}, "
+        self.log(f"run {self.folder.path.name}: {self.world.size} rank(s) on {self.world.device}, "
                  f"{self.train_shards.num_samples} training samples, batch {self.global_batch} = "
                  f"{self.micro_batch} x {self.accum} accumulation x {self.world.size} rank(s), "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")
 
-    def training_batches(self) -> MixedBatches:
-        """data.train_shards alone, or mixed with data.extra_sets by weight in every micro-batch."""
-        d = self.cfg.data
-        sets = [(self.train_shards, d.train_weight, None)] + [(s, x.weight, x) for s, x in zip(self.extra_shards, d.extra_sets)]
-        sizes = mix_sizes(self.micro_batch, [w for _, w, _ in sets]) if len(sets) > 1 else [self.micro_batch]
-        streams, maps = [], []
-        for k, ((shards, _, extra), size) in enumerate(zip(sets, sizes)):
-            # each set its own seed: the same seed would draw the same augmentations for every set
-            data = dataclasses.replace(d, seed=d.seed + 1000 * k) if k else d
-            streams.append(TrainBatches(shards, data, size, self.world.rank, self.world.size, self.dali_device,
-                                        log=self.log))
-            maps.append(joint_map(self.train_shards.joints, shards.joints, extra.joints, f"data.extra_sets[{k - 1}]")
-                        if extra else None)
-        if len(sets) > 1:
-            self.log("mixing " + ", ".join(f"{n} of {s.dataset} ({s.root})" for (s, _, _), n in zip(sets, sizes))
-                     + " in every micro-batch")
-        return MixedBatches(streams, maps, self.world.device)
+    def log(self, message: str) -> None:
+        self.folder.log(message)
 
     # -- state -------------------------------------------------------------------------------------
     def run_tags(self) -> dict:
@@ -284,11 +305,7 @@ class Trainer:
                 "mlflow_run_id": self.tracker.run_id, "rng": distributed.gather_objects(rng_state(), self.world)}
 
     def load_state_dict(self, state: dict, tag: str) -> None:
-        same = {"world_size": self.world.size, "micro_batch": self.micro_batch, "data_seed": self.cfg.data.seed}
-        changed = [f"{k} {state[k]} -> {v}" for k, v in same.items() if k in state and state[k] != v]
-        if changed:  # the data position would mean other samples: refuse rather than resume inexactly
-            raise ConfigError(f"cannot resume exactly ({', '.join(changed)}): resume with the same ranks, "
-                              f"train.micro_batch and data.seed, or start a new run")
+        check_exact_resume(state, world_size=self.world.size, micro_batch=self.micro_batch, data_seed=self.cfg.data.seed)
         if self.ema is not None:
             averaged = self.checkpointer.load_tensors(tag, "ema")
             if averaged is None:
@@ -376,7 +393,7 @@ class Trainer:
         if self.world.is_main:
             for step, (total, *_) in enumerate(losses, first):
                 code = code or reason_code(self.stopper.update(total, step, self.batches.epoch, minutes))
-        if self.signal_received:
+        if self.signals.received:
             code = reason_code(SIGNAL)
         agreed = torch.tensor([code, minutes], dtype=torch.float64, device=self.world.device)
         if self.world.size > 1:
@@ -386,23 +403,16 @@ class Trainer:
 
     # -- the rest, each small ------------------------------------------------------------------------
     def log_step(self, losses: list[float]) -> None:
-        images_per_s, shares = self.meter.rates()
-        self.meter.reset()
-        total, per_module = losses[0], losses[1:]
-        metrics = {"loss/total": total, "lr": self.engine.get_lr()[0], "images_per_s": images_per_s,
-                   "data_wait_fraction": shares["data"], "loss/smoothed": self.stopper.smoothed, "minutes": self.minutes,
-                   "epoch": self.batches.epoch}
-        metrics.update({f"time_fraction/{k}": v for k, v in shares.items()})
-        metrics.update({f"loss/stage_{i + 1}": v for i, v in enumerate(per_module)})
-        # this rank's peak: GPU memory allocated by torch, or the process's resident set on a CPU
-        metrics["peak_memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if self.world.device.type == "cuda"
-                                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        metrics = self.meter.metrics(losses, self.world.device)
+        metrics.update({"lr": self.engine.get_lr()[0], "loss/smoothed": self.stopper.smoothed, "minutes": self.minutes,
+                        "epoch": self.batches.epoch})
         self.tracker.log_metrics(metrics, self.step)
         if self.world.is_main and (self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1):
-            stages = " ".join(f"{v:.4f}" for v in per_module)
-            self.log(f"step {self.step:5d} epoch {self.batches.epoch} loss {total:.5f} "
-                     f"(smoothed {self.stopper.smoothed:.5f}) stages [{stages}] {images_per_s:.1f} img/s "
-                     f"{self.minutes:.1f} min; time: " + " ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
+            stages = " ".join(f"{v:.4f}" for v in losses[1:])
+            times = " ".join(f"{k.split('/')[1]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("time_"))
+            self.log(f"step {self.step:5d} epoch {self.batches.epoch} loss {losses[0]:.5f} "
+                     f"(smoothed {self.stopper.smoothed:.5f}) stages [{stages}] {metrics['images_per_s']:.1f} img/s "
+                     f"{self.minutes:.1f} min; time: {times}")
 
     def eval_model(self) -> torch.nn.Module:
         """What is evaluated and exported: the weight average when there is one, with rank 0's BatchNorm
@@ -414,41 +424,17 @@ class Trainer:
         return model
 
     def evaluate(self) -> dict | None:
-        """Every rank predicts its part of the validation shards; rank 0 computes the metric."""
-        if self.val_shards is None:
-            return None
-        # no gradients kept: larger batches than training's run the forward passes faster
-        loader = build_loader(self.val_shards, self.cfg.data, max(32, self.micro_batch), train=False,
-                              rank=self.world.rank, world_size=self.world.size, device_id=self.dali_device)
-        results = evaluate_loader(self.eval_model(), loader, self.world.device, self.cfg.eval,
-                                  self.val_shards.flip_permutation(),
-                                  keep_images=8 if self.world.is_main else 0)  # the fixed preview images
-        merged = {}
-        for part in distributed.gather_objects(results, self.world):
-            merged.update(part)
-        if not self.world.is_main:
-            return None
-        metrics = summarise(merged, self.val_shards)
-        if len(merged) != self.val_shards.num_samples:
-            self.log(f"warning: evaluated {len(merged)} of {self.val_shards.num_samples} validation samples")
-        self.log(format_pck(metrics, self.val_shards.joints))
-        self.tracker.log_metrics({**tracked_metrics(metrics, self.val_shards.joints), "minutes": self.minutes},
-                                 self.step)
-        from pipeline.plots import prediction_grid
+        return self.validation.run(self.eval_model(), self.step, self.minutes) if self.validation else None
 
-        self.tracker.log_image(prediction_grid(merged, skeleton=self.val_shards.skeleton),
-                               f"predictions/step_{self.step:06d}.png")
-        return metrics
-
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self):
         if self.checkpointer.saved_step == self.step:  # e.g. checkpoint_every fell on the last step
             return self.checkpointer.last_saved
         meta = {"step": self.step, "engine_steps": self.engine.global_steps, "micro_batches": self.batches.drawn,
                 "epoch": self.batches.epoch, "position": self.batches.position, "world_size": self.world.size,
-                "zero_stage": self.cfg.train.zero_stage, "config": (self.run_dir / "config.yaml").read_text(),
+                "zero_stage": self.cfg.train.zero_stage, "config": (self.folder.path / CONFIG_FILE).read_text(),
                 "joints": self.train_shards.joints, "flip_pairs": self.train_shards.flip_pairs,
                 "skeleton": self.train_shards.skeleton}
-        tensors = {"weights": self.weights_state()}
+        tensors = {"weights": full_state_dict(self.engine.module, self.cfg.train.zero_stage)}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         saved = self.checkpointer.save(self.engine, self.step, self.state_dict(), meta if self.world.is_main else None,
@@ -456,52 +442,31 @@ class Trainer:
         self.tracker.flush()  # the store then holds at least every step up to the checkpoint
         return saved
 
-    def weights_state(self) -> dict[str, torch.Tensor]:
-        """The model's whole fp32 state dict, on every rank (ZeRO-3 partitions the weights: gathered)."""
-        module = self.engine.module
-        if self.cfg.train.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def export_weights(self, checkpoint: Path) -> Path | None:
-        """fp32 weights of the final checkpoint (any ZeRO stage; the weight average when there is one)
-        -> runs/NAME/model.safetensors."""
-        from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint
-
-        if not self.world.is_main:
-            return None
-        return export_zero_checkpoint(checkpoint, self.run_dir / WEIGHTS_FILE)
-
     def finish(self, reason: str) -> int:
         seconds = self.seconds()
         self.log(f"stopping at step {self.step}: {reason}"
                  + (f" ({self.cfg.stop.max_minutes:g} min of training spent)" if reason == MAX_MINUTES else ""))
         self.tracker.set_tags({"stop_reason": reason, "stopped_at_step": self.step})
         checkpoint = self.save_checkpoint()
-        if self.signal_received:
-            self.log(f"checkpoint {checkpoint.name} written {time.monotonic() - self.signal_time:.2f} s after "
-                     f"{signal.Signals(self.signal_received).name} reached this rank")
+        if self.signals.received:
+            self.log(f"checkpoint {checkpoint.name} written {self.signals.seconds_since():.2f} s after "
+                     f"{signal.Signals(self.signals.received).name} reached this rank")
         self.tracker.flush()
         if reason == SIGNAL:  # preempted: the checkpoint is all that matters now
             self.tracker.finish("KILLED")
             self.barrier()
             return EXIT_REQUEUE
-        weights = self.export_weights(checkpoint)
+        # fp32 weights of the final checkpoint (the weight average when there is one) -> runs/NAME/model.safetensors
+        weights = export_zero_checkpoint(checkpoint, self.folder.path / WEIGHTS_FILE) if self.world.is_main else None
         metrics = self.evaluate()
         if self.world.is_main:
             if metrics:
                 self.tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, self.step)
-            self.tracker.log_artifact(self.run_dir / "train.log")
+            self.tracker.log_artifact(self.folder.log_file)
             self.tracker.log_loss_curves(len(self.strides))
-            summary = summarise_run(self.run_dir, metrics, checkpoint, weights, reason, self.step,
-                                    self.tracker.run_id, self.tracker.ui_command(), seconds)
-            print(summary, flush=True)
+            print(self.folder.write_summary(headline(metrics) if metrics else None, checkpoint, weights, reason,
+                                            self.step, self.tracker.run_id, self.tracker.ui_command(), seconds), flush=True)
             if weights and self.cfg.train.log_model:  # after the summary: the results are out already
-                from pipeline.weights import load_trained
-
                 model, _, meta = load_trained(weights)
                 self.tracker.log_model(model, self.cfg.data.input_size, meta["joints"], meta["flip_pairs"])
         self.tracker.finish()
@@ -514,54 +479,27 @@ class Trainer:
         if self.world.size > 1:
             torch.distributed.barrier()
 
-    def install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            # acted on at the end of the current step, by every rank (decide_stop); a second signal,
-            # also one during the checkpoint, changes nothing, except a second Ctrl-C: stop at once
-            if signum == signal.SIGINT and self.signal_received == signal.SIGINT:
-                raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without a checkpoint")
-            if not self.signal_received:
-                self.signal_received, self.signal_time = signum, time.monotonic()
-                if signum == signal.SIGINT:
-                    self.log("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again: at once)")
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, request_stop)
-
     def abort(self, error: BaseException) -> str:
         """The run raised: record it in MLflow as FAILED (KILLED for a second Ctrl-C) with the error's first
         line as a tag, and say in one line what happened and what to do."""
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        self.tracker.set_tags({"error": f"{type(error).__name__}: {first}"[:5000], "stop_reason": status.lower(),
-                               "stopped_at_step": self.step})
+        self.tracker.set_tags({"error": f"{type(error).__name__}: {first_line(error)}"[:5000],
+                               "stop_reason": status.lower(), "stopped_at_step": self.step})
         self.tracker.finish(status)
         last = self.checkpointer.latest_tag()
-        where = f"the last good checkpoint is {self.checkpointer.dir / last}" if last else "there is no checkpoint yet"
-        if isinstance(error, FloatingPointError):
-            return (f"{first}: training diverged; {where} (a rerun with the same train.run_name resumes from it). "
-                    f"Try a lower train.lr, a longer train.warmup_steps, train.grad_clip, or train.precision=fp32")
-        return f"{type(error).__name__}: {first} (at step {self.step}; {where})"
-
-    def log(self, message: str) -> None:
-        if self.world.is_main:
-            line = f"[{datetime.now():%H:%M:%S}] {message}"
-            print(line, flush=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "train.log", "a") as f:
-                f.write(line + "\n")
+        return failure_message(error, self.step, self.checkpointer.dir / last if last else None)
 
 
-def summarise_run(run_dir: Path, metrics: dict | None, checkpoint: Path, weights: Path | None, reason: str,
-                  step: int, run_id: str | None, ui_command: str, seconds: float) -> str:
-    """The lines a run ends with; also kept in runs/NAME/summary.txt so launchers can repeat them."""
-    lines = [headline(metrics)] if metrics else []
-    lines += [f"stopped at step {step} ({reason}) after {seconds:.0f} s of training",
-              f"checkpoint: {checkpoint}", f"weights:    {weights}", f"run dir:    {run_dir}",
-              f"MLflow run {run_id}; look at it with:", f"  {ui_command}"]
-    text = "\n".join(lines)
-    (run_dir / "summary.txt").write_text(text + "\n")
-    return text
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def failure_message(error: BaseException, step: int, last_checkpoint) -> str:
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "there is no checkpoint yet"
+    if isinstance(error, FloatingPointError):
+        return (f"{first_line(error)}: training diverged; {where} (a rerun with the same train.run_name resumes "
+                f"from it). Try a lower train.lr, a longer train.warmup_steps, train.grad_clip, or train.precision=fp32")
+    return f"{type(error).__name__}: {first_line(error)} (at step {step}; {where})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -588,10 +526,7 @@ def main(argv=None) -> int:
     except BaseException as e:  # a bug: the traceback is worth having, and the run is FAILED, not FINISHED
         trainer.abort(e)
         raise
-    # Python puts the default handlers back while it shuts down, so a late SIGTERM (a launcher or srun
-    # passing on another signal) would turn exit 75 into "killed": the work is saved, ignore them now
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    StopSignals.ignore()  # the work is saved: a late signal must not turn exit 75 into "killed"
     return code
 
 

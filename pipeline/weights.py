@@ -59,7 +59,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, len(joints), cfg.data.input_size)
     model.load_state_dict(load_file(str(path), device=str(device)))
     model.to(device).eval()
-    from pipeline.plots import skeleton_for
+    from shards.datasets import skeleton_for
 
     skeleton = json.loads(meta.get("skeleton") or "[]") or skeleton_for(len(joints))
     return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"]), "skeleton": skeleton}

@@ -22,7 +22,7 @@ from pipeline.config import DataConfig
 from pipeline.data import BadSampleError, build_loader, unpack
 from pipeline.inputs import augment_matrix, crop_matrix
 from shards.format import ShardSet
-from pipeline.evaluate import crop_to_original
+from pipeline.inference import crop_to_original
 from pipeline.targets import make_targets, swap_flipped
 from tests.conftest import SAMPLE, shard_sample
 

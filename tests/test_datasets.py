@@ -39,7 +39,7 @@ def test_coco_format_sets_shard_verify_and_read_back(name, folder, joints, pairs
     from pipeline.config import DataConfig
     from pipeline.data import build_loader, unpack
     from shards.format import ShardSet
-    from pipeline.evaluate import crop_to_original
+    from pipeline.inference import crop_to_original
 
     annotations = next((FIXTURES / folder).glob("*.json"))
     out = tmp_path / name

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cli import main as mshg
 from pipeline.inputs import to_model_input
-from pipeline.predict import crop, read_image
+from pipeline.inference import crop, read_image
 from pipeline.weights import load_trained
 from tests.conftest import SAMPLE
 from tests.test_predict import LSP_JOINTS, weights  # noqa: F401  (the weights fixture)

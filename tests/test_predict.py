@@ -66,8 +66,7 @@ def test_predict_batches_overlays_and_reports_unreadable_images(weights, tmp_pat
 
 
 def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tmp_path):
-    from pipeline.evaluate import crop_to_original, predict_crops
-    from pipeline.predict import crop, read_image
+    from pipeline.inference import crop, crop_to_original, predict_crops, read_image
     from pipeline.weights import load_trained
 
     image_path = str(SAMPLE / "images" / "im00170.jpg")

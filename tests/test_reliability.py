@@ -314,10 +314,17 @@ def test_one_rank_run_listens_only_on_loopback(lspet_shards, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", str(cfg)], cwd=tmp_path,
                             env=run_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        seen = []
         for line in proc.stdout:
+            seen.append(line)
             if re.search(r"step +1 epoch", line):
                 break
+        else:
+            pytest.fail("the trainer ended before its first step:\n" + "".join(seen[-30:]))
+        assert proc.poll() is None, "the trainer must still be running while its sockets are read"
         listening = [c for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
+        # gloo always opens its pair listener, even for one rank: no socket seen means nothing was checked
+        assert listening, "no listening socket found: the check saw nothing"
         assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
     finally:
         proc.kill()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.evaluate import decode_heatmaps
+from pipeline.inference import decode_heatmaps
 from pipeline.targets import cascade_loss, joint_weights, make_targets, swap_flipped
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them

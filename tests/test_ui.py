@@ -75,7 +75,12 @@ def test_browser_compares_two_runs_with_stage_losses_and_datasets(two_runs):
         for name in RUNS:
             for stage in (1, 8):
                 expect(page.get_by_text(f"{name} (loss/stage_{stage})").first).to_be_attached()
+        # the curves are drawn, not only their legends: Plotly's line paths, one per run and chart, each
+        # through several points (the runs logged 6 steps)
+        lines = page.locator(".js-plotly-plot path.js-line")
+        expect(lines.first).to_be_attached()
+        drawn = [d for d in lines.evaluate_all("paths => paths.map(p => p.getAttribute('d') || '')") if d.count("L") >= 2]
+        assert len(drawn) >= 2 * len(RUNS), f"{len(drawn)} curves with several points drawn"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
-    assert shot.stat().st_size > 10_000
     print(f"screenshot of the comparison: {shot}")

@@ -1,0 +1,148 @@
+"""Inference, the one place for it: heatmaps from crops (modules fused, the flip test), decoded to
+keypoints, crops of photographs and their way back to original pixels, the coarse-to-fine box rule for
+photos without a box, and the device. Training's evaluations, `mshg evaluate` and `mshg predict` all
+predict through these functions; no DALI here.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.inputs import crop_matrix, to_model_input
+
+def decode_heatmaps(heatmaps: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, J, H, W) -> (B, J, 3): x, y in continuous input-crop coordinates, and the peak score.
+
+    Argmax, then a quarter-pixel shift towards the higher neighbour (Newell et al.)."""
+    b, j, h, w = heatmaps.shape
+    flat = heatmaps.float().reshape(b, j, -1)
+    score, index = flat.max(-1)
+    x = (index % w).float()
+    y = torch.div(index, w, rounding_mode="floor").float()
+    hm = heatmaps.float()
+    xi, yi = x.long(), y.long()
+    bi = torch.arange(b, device=hm.device)[:, None].expand(b, j)
+    ji = torch.arange(j, device=hm.device)[None, :].expand(b, j)
+
+    def at(yy, xx):
+        return hm[bi, ji, yy.clamp(0, h - 1), xx.clamp(0, w - 1)]
+
+    dx = torch.where((xi > 0) & (xi < w - 1), torch.sign(at(yi, xi + 1) - at(yi, xi - 1)), torch.zeros_like(x))
+    dy = torch.where((yi > 0) & (yi < h - 1), torch.sign(at(yi + 1, xi) - at(yi - 1, xi)), torch.zeros_like(y))
+    x = (x + 0.25 * dx + 0.5) * stride
+    y = (y + 0.25 * dy + 0.5) * stride
+    return torch.stack([x, y, score], -1)
+
+
+def crop_to_original(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Continuous crop coordinates (B, J, 2) -> 0-based pixel coordinates of the original image,
+    through the inverse of the 2x3 crop matrix (B, 2, 3) that made the crop."""
+    full = torch.cat([matrix.double(), torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64,
+                                                    device=matrix.device).expand(len(matrix), 1, 3)], 1)
+    inv = torch.linalg.inv(full)[:, :2]
+    xy = points.double() @ inv[:, :, :2].transpose(1, 2) + inv[:, None, :, 2]
+    return (xy - 0.5).float()
+
+
+def fuse_heatmaps(outputs: list[torch.Tensor], strides: list[int], modules: list[int]) -> tuple[torch.Tensor, int]:
+    """The heatmaps predictions are decoded from: the mean of the listed modules' (1-based; empty: the
+    last module), each resized bilinearly to the finest stride among them. -> (heatmaps, stride).
+    Cell k has its centre at (k + 0.5) * stride at every stride, and bilinear resizing with
+    align_corners=False keeps centres on centres, so the maps line up."""
+    chosen = [m - 1 for m in modules] or [len(outputs) - 1]
+    stride = min(strides[i] for i in chosen)
+    size = outputs[chosen[0]].shape[-1] * strides[chosen[0]] // stride
+    maps = [outputs[i].float() if strides[i] == stride else
+            F.interpolate(outputs[i].float(), size=(size, size), mode="bilinear", align_corners=False)
+            for i in chosen]
+    return torch.stack(maps).mean(0), stride
+
+
+@torch.no_grad()
+def crop_heatmaps(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
+                  modules: list[int] = ()) -> tuple[torch.Tensor, int]:
+    """uint8 crops (B, S, S, 3) -> (heatmaps (B, J, H, W) in float32, their stride), in fp32.
+
+    With `flip_perm` (the dataset's left/right permutation), the flip test: the mirrored crops go
+    through the model too, their heatmaps are mirrored back, left and right joints swapped, and the
+    two are averaged. Mirroring pixel i to S-1-i maps continuous x to S - x, and heatmap cell k
+    (centre (k + 0.5) * stride) to cell W-1-k, so the two heatmaps line up without a shift."""
+    x = to_model_input(images)
+    heatmaps, stride = fuse_heatmaps(model(x), model.strides, list(modules))
+    if flip_perm is not None:
+        flipped, _ = fuse_heatmaps(model(torch.flip(x, dims=[3])), model.strides, list(modules))
+        flipped = torch.flip(flipped, dims=[3])[:, list(flip_perm)]
+        heatmaps = (heatmaps + flipped) * 0.5
+    return heatmaps, stride
+
+
+def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
+                  modules: list[int] = ()) -> torch.Tensor:
+    """uint8 crops (B, S, S, 3) -> keypoints (B, J, 3) in crop coordinates: x, y and the peak score."""
+    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules))
+
+
+BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
+
+
+def read_image(path: str) -> np.ndarray:
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: cannot read or decode this image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def crop(image: np.ndarray, box, input_size: int, padding: float) -> tuple[np.ndarray, np.ndarray]:
+    """-> (uint8 crop SxSx3, the 2x3 continuous-coordinate matrix that made it)."""
+    m = crop_matrix(np.asarray(box, np.float64), input_size, padding)
+    # OpenCV samples at integer pixel centres; shift the continuous-coordinate matrix by half a pixel
+    m_index = m.astype(np.float64).copy()
+    m_index[:, 2] += m_index[:, :2].sum(1) * 0.5 - 0.5
+    out = cv2.warpAffine(image, m_index, (input_size, input_size), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out, m
+
+
+def box_from_keypoints(keypoints: np.ndarray) -> list[float]:
+    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3)."""
+    confident = keypoints[keypoints[:, 2] >= BOX_SCORE * max(keypoints[:, 2].max(), 1e-6)]
+    x0, y0 = confident[:, :2].min(0)
+    x1, y1 = confident[:, :2].max(0)
+    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+
+
+def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None) -> np.ndarray:
+    """RGB images and their boxes (None: the whole photo) -> keypoints (N, J, 3) in original pixels
+    (x, y, peak score)."""
+    size, padding = cfg.data.input_size, cfg.data.padding
+    crops, matrices = zip(*(crop(image, box, size, padding) for image, box in zip(images, boxes)))
+    device = next(model.parameters()).device
+    keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm, cfg.eval.modules).cpu()
+    xy = crop_to_original(keypoints[..., :2], torch.from_numpy(np.stack(matrices)))
+    return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
+
+
+def predict_images(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None,
+                   passes: int = 2) -> np.ndarray:
+    """A box where one is given; the whole photo, then (passes - 1) times the box of the joints
+    found, where none is."""
+    whole = [b is None for b in boxes]
+    boxes = [[0, 0, im.shape[1], im.shape[0]] if b is None else b for im, b in zip(images, boxes)]
+    keypoints = predict_batch(model, cfg, images, boxes, flip_perm)
+    for _ in range(passes - 1):
+        refine = [i for i, w in enumerate(whole) if w]
+        if not refine:
+            break
+        better = predict_batch(model, cfg, [images[i] for i in refine],
+                               [box_from_keypoints(keypoints[i]) for i in refine], flip_perm)
+        keypoints[refine] = better
+    return keypoints
+
+
+def inference_device(name: str = "auto") -> torch.device:
+    """auto: the first GPU when torch has CUDA, else the CPU; cuda without CUDA is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda, but CUDA is not available (torch {torch.__version__})")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

@@ -1,0 +1,70 @@
+"""A run's folder, runs/<run_name>/: what a run writes besides its checkpoints, and its log.
+
+    folder = RunFolder(cfg.train.out_dir, run_name, is_main=world.is_main)
+    folder.log("...")            # rank 0: to stdout and train.log, time-stamped
+    folder.save_config(cfg)      # config.yaml: what was run ("auto" settings resolved)
+    folder.write_summary(...)    # summary.txt: the lines the run ends with (launchers repeat them)
+
+model.safetensors is written by pipeline.weights, checkpoints/ by pipeline.checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, save_config
+
+LOG_FILE, SUMMARY_FILE, CONFIG_FILE = "train.log", "summary.txt", "config.yaml"
+
+
+def default_run_name(cfg: Config) -> str:
+    """train.run_name, or <config name>-<timestamp> (`mshg train --ranks N` fixes it before the launcher
+    starts the ranks, so that every rank and the summary agree)."""
+    return cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def writable_dir(path: Path, option: str) -> None:
+    """The nearest existing folder of `path` must be writable, checked before any work and without
+    writing anything."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: cannot write {path} ({existing} is {'not a folder' if not existing.is_dir() else 'not writable'})")
+
+
+class RunFolder:
+    def __init__(self, out_dir: str | Path, run_name: str, is_main: bool = True):
+        self.path = Path(out_dir) / run_name
+        self.is_main = is_main
+        writable_dir(self.path, "train.out_dir")
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG_FILE
+
+    def log(self, message: str) -> None:
+        """Rank 0 speaks for the run: the line on stdout and in train.log."""
+        if self.is_main:
+            line = f"[{datetime.now():%H:%M:%S}] {message}"
+            print(line, flush=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.log_file, "a") as f:
+                f.write(line + "\n")
+
+    def save_config(self, cfg: Config) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.path / CONFIG_FILE)
+        return self.path / CONFIG_FILE
+
+    def write_summary(self, headline: str | None, checkpoint: Path, weights: Path | None, reason: str, step: int,
+                      run_id: str | None, ui_command: str, seconds: float) -> str:
+        """The lines a run ends with; also kept in summary.txt so launchers can repeat them."""
+        lines = [headline] if headline else []
+        lines += [f"stopped at step {step} ({reason}) after {seconds:.0f} s of training",
+                  f"checkpoint: {checkpoint}", f"weights:    {weights}", f"run dir:    {self.path}",
+                  f"MLflow run {run_id}; look at it with:", f"  {ui_command}"]
+        text = "\n".join(lines)
+        (self.path / SUMMARY_FILE).write_text(text + "\n")
+        return text

@@ -1,0 +1,53 @@
+"""The code's shape, checked: no import cycle between the modules of pipeline/ and shards/ (imports inside
+functions included: they hide cycles), and the modules that serve inference import without DALI."""
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.quick
+
+
+def project_imports() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its body."""
+    graph = {}
+    for package in ("pipeline", "shards"):
+        for path in (REPO / package).glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                deps |= {n for n in names if n.split(".")[0] in ("pipeline", "shards")}
+            graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_cycle_in_pipeline_and_shards():
+    graph = project_imports()
+    assert {"pipeline.inference", "pipeline.evaluate", "pipeline.predict", "shards.format"} <= set(graph)
+    cycles = []
+
+    def visit(node, path):
+        for dep in graph.get(node, ()):
+            if dep == path[0]:
+                cycles.append(" -> ".join(path + [dep]))
+            elif dep not in path:
+                visit(dep, path + [dep])
+
+    for module in graph:
+        visit(module, [module])
+    assert not cycles, cycles
+    assert "pipeline.predict" not in graph["pipeline.evaluate"] and "pipeline.evaluate" not in graph["pipeline.predict"]
+
+
+def test_inference_modules_import_without_dali():
+    script = ("import sys\nsys.modules['nvidia.dali'] = None\n"
+              "import pipeline.inference, pipeline.evaluate, pipeline.predict, pipeline.export, pipeline.track, "
+              "pipeline.inputs, shards.format, pipeline.cli\n"
+              "assert 'pipeline.data' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
