@@ -165,6 +165,11 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
     stage("train", len(ranks) == gpus, f"{gpus} rank(s), {per_gpu:.0f} img/s per GPU, data wait "
                                        f"{100 * sum(wait) / len(wait):.0f} %, MFU {mfu}, peak memory "
                                        f"{max(memory):.1f} GiB (rank 0); resumed at step {steps}")
+    # host-side phase times: on a GPU kernels run asynchronously, so a phase's time lands where the host waits
+    phases = {k: metric(tmp, "smoke", f"time_fraction/{k}")[-3:] for k in ("data", "targets", "forward", "backward",
+                                                                           "step", "ema", "other")}
+    print("  step breakdown (rank 0, host time): " + ", ".join(f"{k} {100 * sum(v) / max(len(v), 1):.0f} %"
+                                                              for k, v in phases.items()))
 
 
 def accumulation(tmp: Path) -> None:

@@ -312,22 +312,11 @@ def format_pck(metrics: dict, joints: list[str]) -> str:
 
 
 def photo_samples(shards):
-    """(sample id, JPEG/PNG bytes as shipped, keypoints (J, 3) in original pixels, the person box the
-    validation crop uses) of every sample of a shard set, straight from its tars: the photographs
-    themselves, not the pipeline's crops."""
-    import io
-    import tarfile
+    """(sample id, image bytes, keypoints (J, 3) in original pixels, person box) of every sample of a shard set."""
+    from shards.format import read_photos
 
     for tar in shards.tars:
-        with tarfile.open(tar) as t:
-            members: dict[str, dict[str, bytes]] = {}
-            for member in t:
-                key, ext = member.name.split(".", 1)
-                members.setdefault(key, {})[ext] = t.extractfile(member).read()
-            for key, m in members.items():
-                image = m.get("jpg", m.get("png"))
-                yield (int(np.load(io.BytesIO(m["idx.npy"])).reshape(-1)[0]), image, np.load(io.BytesIO(m["kp.npy"])),
-                       np.load(io.BytesIO(m["box.npy"])).tolist())
+        yield from read_photos(tar)
 
 
 def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,

@@ -85,6 +85,8 @@ def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[
 
 
 BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
+# a first pass with fewer confident joints found no person to frame: its photo stays whole (1: always reframe)
+MIN_BOX_JOINTS = 1
 
 
 def read_image(path: str) -> np.ndarray:
@@ -105,9 +107,12 @@ def crop(image: np.ndarray, box, input_size: int, padding: float) -> tuple[np.nd
     return out, m
 
 
-def box_from_keypoints(keypoints: np.ndarray) -> list[float]:
-    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3)."""
+def box_from_keypoints(keypoints: np.ndarray) -> list[float] | None:
+    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3); None when
+    fewer than MIN_BOX_JOINTS are confident."""
     confident = keypoints[keypoints[:, 2] >= BOX_SCORE * max(keypoints[:, 2].max(), 1e-6)]
+    if len(confident) < MIN_BOX_JOINTS:
+        return None
     x0, y0 = confident[:, :2].min(0)
     x1, y1 = confident[:, :2].max(0)
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
@@ -132,12 +137,11 @@ def predict_images(model, cfg, images: list[np.ndarray], boxes: list, flip_perm:
     boxes = [[0, 0, im.shape[1], im.shape[0]] if b is None else b for im, b in zip(images, boxes)]
     keypoints = predict_batch(model, cfg, images, boxes, flip_perm)
     for _ in range(passes - 1):
-        refine = [i for i, w in enumerate(whole) if w]
+        found = {i: box_from_keypoints(keypoints[i]) for i, w in enumerate(whole) if w}
+        refine = [i for i, box in found.items() if box is not None]
         if not refine:
             break
-        better = predict_batch(model, cfg, [images[i] for i in refine],
-                               [box_from_keypoints(keypoints[i]) for i in refine], flip_perm)
-        keypoints[refine] = better
+        keypoints[refine] = predict_batch(model, cfg, [images[i] for i in refine], [found[i] for i in refine], flip_perm)
     return keypoints
 
 

@@ -8,9 +8,13 @@ key's first dot (its `ext`).
 """
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from shards.datasets import skeleton_for
 
@@ -33,6 +37,32 @@ def read_manifest(root: str | Path) -> dict:
     if missing:
         raise ValueError(f"{path}: field(s) {', '.join(missing)} missing; re-shard with `mshg shard`")
     return manifest
+
+
+def read_samples(tar_path):
+    """Yield (key, {ext: bytes}) in tar order; a key must not come back after another key."""
+    current, members = None, {}
+    with tarfile.open(tar_path) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")
+            if key != current:
+                if current is not None:
+                    yield current, members
+                current, members = key, {}
+            members[ext] = tar.extractfile(info).read()
+    if current is not None:
+        yield current, members
+
+
+def read_photos(tar_path):
+    """Yield (sample id, the image bytes as shipped, keypoints (J, 3) in original pixels, the person box)
+    of every sample of a tar: the photographs themselves, not the pipeline's crops."""
+    for _, m in read_samples(tar_path):
+        image = next(m[ext] for ext in IMAGE_MEMBERS if ext in m)
+        arrays = {ext: np.load(io.BytesIO(m[ext])) for ext in NPY_MEMBERS}
+        yield int(arrays["idx.npy"].reshape(-1)[0]), image, arrays["kp.npy"], arrays["box.npy"].tolist()
 
 
 @dataclass

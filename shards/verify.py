@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from shards.format import IMAGE_MEMBERS, META_MEMBER, NPY_MEMBERS, read_manifest
+from shards.format import IMAGE_MEMBERS, META_MEMBER, NPY_MEMBERS, read_manifest, read_samples
 
 
 def index_matches(tar_path, idx_path):
@@ -88,23 +88,6 @@ def check_sample(members, num_joints):
     except ValueError as e:
         problems.append(f"json unreadable ({e})")
     return problems
-
-
-def read_samples(tar_path):
-    """Yield (key, {ext: bytes}) in tar order; a key must not come back after another key."""
-    current, members = None, {}
-    with tarfile.open(tar_path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, ext = info.name.partition(".")
-            if key != current:
-                if current is not None:
-                    yield current, members
-                current, members = key, {}
-            members[ext] = tar.extractfile(info).read()
-    if current is not None:
-        yield current, members
 
 
 def verify(out, progress=True):
