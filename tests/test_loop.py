@@ -93,7 +93,9 @@ def test_accumulation_2x4_equals_micro_batch_8(lspet_shards, tmp_path):
     one, two = result["one"], result["two"]
     assert one["steps"] == two["steps"] == 2
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
-    np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-4, atol=1e-6)
+    # Adam's step is lr * m / sqrt(v): for a weight whose gradient is near 0, the rounding difference
+    # between summing 2 x 4 and 8 samples moves it by up to ~1 % of a step (lr 1e-3: 1e-5; fused Adam)
+    np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-4, atol=5e-5)
     assert one["losses"][0] != one["losses"][1]  # the step changed the weights
 
 

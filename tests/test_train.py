@@ -295,18 +295,16 @@ def test_precision_auto_is_bf16_only_where_the_cpu_computes_it():
 
 def test_slurm_rendezvous_port_is_the_job_scripts_rule(monkeypatch):
     """Under srun without launch/slurm/common.sh, the trainer derives the same MASTER_PORT as the script."""
-    from pipeline.distributed import fill_env_from_slurm, slurm_master_port
-
-    for key in ("RANK", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "1")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    monkeypatch.setenv("MASTER_ADDR", "node1")  # else scontrol names the first node
-    fill_env_from_slurm()
     import os
 
-    assert os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
-    assert os.environ["MASTER_PORT"] == str(slurm_master_port(123456)) == str(15000 + 123456 % 15000)
+    from pipeline.distributed import fill_env_from_slurm, slurm_master_port
+
+    # a private environment: what fill_env_from_slurm writes must not leak into later tests' subprocesses
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_ID="123456", MASTER_ADDR="node1")  # else scontrol
+    monkeypatch.setattr(os, "environ", env)
+    fill_env_from_slurm()
+    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
+    assert env["MASTER_PORT"] == str(slurm_master_port(123456)) == str(15000 + 123456 % 15000)
     script = (REPO / "launch" / "slurm" / "common.sh").read_text()
     assert "$((15000 + SLURM_JOB_ID % 15000))" in script
