@@ -2,11 +2,14 @@
 
     python bench/study_table.py RUN_NAME... [--out docs/results.md] [--plot docs/pck_vs_minutes.png]
 
-Per run: parameters, forward GFLOPs per image, images/s (median of the logged values), steps reached,
-PCK@0.2 (flip test) per joint and mean at the end, and the training minutes at which the validation
-PCK first reached 50 % and 65 % (linear between evaluations). The table replaces the text between
-the `<!-- study:begin -->` and `<!-- study:end -->` markers of --out; the plot of PCK against minutes
-of every run goes beside it and, with the table, to an MLflow run `study-summary`.
+Per run: parameters, forward GFLOPs per image, images/s (median of the logged values), steps and
+images seen, PCK@0.2 (flip test) per joint and mean at the end, and the validation PCK at equal
+training minutes and at equal images seen (linear between evaluations): the first says which model
+wins on this machine's clock, the second whether one learns more per image (the patent's claim)
+independently of its speed. Per model: the mean over seeds and the seeds' spread, against the
+difference between the models. The table replaces the text between the `<!-- study:begin -->` and
+`<!-- study:end -->` markers of --out; the plot (PCK against minutes and against images seen) goes
+beside it and, with the table, to an MLflow run `study-summary`.
 """
 from __future__ import annotations
 
@@ -24,15 +27,20 @@ def history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def reached(curve: list[tuple[float, float]], level: float) -> float | None:
-    """Minutes at which the curve first reaches `level` (linear between points), or None."""
+def at(curve: list[tuple[float, float]], x: float) -> float:
+    """The curve's value at x (linear between points, from (0, 0)); NaN past its last point."""
     prev = (0.0, 0.0)
-    for minutes, value in curve:
-        if value >= level:
-            m0, v0 = prev
-            return m0 + (minutes - m0) * (level - v0) / max(value - v0, 1e-9)
-        prev = (minutes, value)
-    return None
+    for xi, value in curve:
+        if xi >= x:
+            x0, v0 = prev
+            return v0 + (value - v0) * (x - x0) / max(xi - x0, 1e-9)
+        prev = (xi, value)
+    return float("nan")
+
+
+def spread(values: list[float]) -> str:
+    """'mean (seeds: a, b)' in percent."""
+    return f"{100 * statistics.mean(values):.1f} (seeds: {', '.join(f'{100 * v:.1f}' for v in values)})"
 
 
 def main() -> None:
@@ -56,7 +64,7 @@ def main() -> None:
 
     client = MlflowClient()
     exp = client.get_experiment_by_name(args.experiment)
-    rows, curves, joints = [], {}, None
+    rows, curves, joints = [], {}, None  # curves: name -> [(minutes, images seen, pck)]
     for name in args.runs:
         found = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'",
                                    order_by=["attributes.start_time DESC"])
@@ -66,8 +74,10 @@ def main() -> None:
         cfg = config_from_yaml((REPO / "runs" / name / "config.yaml").read_text(), source=name)
         model = build_model(cfg.model, 14, cfg.data.input_size)
         pck, minutes = history(client, run.info.run_id, "pck"), history(client, run.info.run_id, "minutes")
-        curve = sorted((minutes[s], v) for s, v in pck.items() if s in minutes)
-        curves[name] = curve
+        params, world = run.data.params, int(run.data.tags.get("world_size", 1))
+        batch = int(params.get("train.global_batch", 0)) or \
+            int(params["train.micro_batch"]) * int(params.get("train.grad_accum", 1)) * world
+        curves[name] = sorted((minutes[s], s * batch, v) for s, v in pck.items() if s in minutes)
         joints = joints or sorted(k.split("/", 1)[1] for k in run.data.metrics if k.startswith("pck/"))
         per_joint = {j: run.data.metrics.get(f"pck/{j}", float("nan")) for j in joints}
         rates = list(history(client, run.info.run_id, "images_per_s").values())
@@ -76,36 +86,51 @@ def main() -> None:
             "params": count_parameters(model) / 1e6, "gflops": count_flops(model, cfg.data.input_size) / 1e9,
             "img_s": statistics.median(rates[len(rates) // 4:]) if rates else float("nan"),
             "steps": run.data.tags.get("stopped_at_step", "?"), "pck": run.data.metrics.get("final/pck", float("nan")),
-            "per_joint": per_joint, "t50": reached(curve, 0.5), "t65": reached(curve, 0.65)})
+            "per_joint": per_joint, "images": curves[name][-1][1] if curves[name] else 0})
 
-    fmt = lambda t: f"{t:.1f}" if t is not None else "not reached"  # noqa: E731
-    lines = [BEGIN, "", "| run | model | params (M) | GFLOPs | images/s | steps | PCK@0.2 | min to 50 % | min to 65 % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    # the comparison points every run reached: half and all of the shortest run's minutes; the fewest images
+    half_min = min(c[-1][0] for c in curves.values()) / 2
+    end_min = 2 * half_min
+    equal_images = min(c[-1][1] for c in curves.values())
+    for r in rows:
+        c = curves[r["run"]]
+        r["at_half"] = at([(m, v) for m, _, v in c], half_min)
+        r["at_end"] = at([(m, v) for m, _, v in c], end_min)
+        r["at_images"] = at([(i, v) for _, i, v in c], equal_images)
+    lines = [BEGIN, "", f"| run | model | params (M) | GFLOPs | images/s | steps | images seen | PCK@0.2 at the end | "
+             f"at {half_min:.1f} min | at {end_min:.1f} min | at {equal_images:,} images |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['model']} | {r['params']:.2f} | {r['gflops']:.3f} | {r['img_s']:.1f} | "
-                     f"{r['steps']} | {100 * r['pck']:.1f} | {fmt(r['t50'])} | {fmt(r['t65'])} |")
+                     f"{r['steps']} | {r['images']:,} | {100 * r['pck']:.1f} | {100 * r['at_half']:.1f} | "
+                     f"{100 * r['at_end']:.1f} | {100 * r['at_images']:.1f} |")
     lines += ["", "Per joint (PCK@0.2, flip test, at the end):", "",
               "| run | " + " | ".join(joints) + " |", "|---|" + "---|" * len(joints)]
     for r in rows:
         lines.append(f"| {r['run']} | " + " | ".join(f"{100 * r['per_joint'][j]:.1f}" for j in joints) + " |")
-    by_model: dict[str, list[float]] = {}
+    by_model: dict[str, list[dict]] = {}
     for r in rows:
-        by_model.setdefault(r["model"], []).append(r["pck"])
-    lines += ["", "Mean over seeds: " + "; ".join(f"{m} {100 * statistics.mean(v):.1f} % "
-                                                    f"(seeds: {', '.join(f'{100 * x:.1f}' for x in v)})"
-                                                    for m, v in by_model.items()),
-              "", "MLflow run ids: " + ", ".join(f"{r['run']} `{r['run_id']}`" for r in rows), "",
-              f"![PCK@0.2 against training minutes]({Path(args.plot).name})", "", END]
+        by_model.setdefault(r["model"], []).append(r)
+    lines += ["", "Mean over seeds, PCK@0.2 %:", ""]
+    for label, key in ((f"at {end_min:.1f} min (equal wall time)", "at_end"),
+                       (f"at {equal_images:,} images (equal samples)", "at_images")):
+        lines.append(f"- {label}: " + "; ".join(f"{m} {spread([r[key] for r in rs])}" for m, rs in by_model.items()))
+    lines += ["", "MLflow run ids: " + ", ".join(f"{r['run']} `{r['run_id']}`" for r in rows), "",
+              f"![PCK@0.2 against training minutes and images seen]({Path(args.plot).name})", "", END]
     table = "\n".join(lines)
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fig, (by_minutes, by_images) = plt.subplots(1, 2, figsize=(12, 5), dpi=100, sharey=True)
     for name, curve in curves.items():
         style = "-" if "cascade" in name or "msc" in name else "--"
-        ax.plot([m for m, _ in curve], [100 * v for _, v in curve], style, marker="o", markersize=3, label=name)
-    ax.set_xlabel("training minutes (2 CPU ranks)")
-    ax.set_ylabel("validation PCK@0.2 (%), flip test")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        by_minutes.plot([m for m, _, _ in curve], [100 * v for *_, v in curve], style, marker="o", markersize=3, label=name)
+        by_images.plot([i / 1000 for _, i, _ in curve], [100 * v for *_, v in curve], style, marker="o", markersize=3,
+                       label=name)
+    by_minutes.set_xlabel("training minutes (2 CPU ranks)")
+    by_images.set_xlabel("images seen (thousands)")
+    by_minutes.set_ylabel("validation PCK@0.2 (%), flip test")
+    for ax in (by_minutes, by_images):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot)
 

@@ -169,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
     p.add_argument("--modules", default=None, metavar="M,N,...",
                    help="decode from the mean of these modules' heatmaps (1-based) instead of the run's eval.modules")
+    p.add_argument("--dark-kernel", type=int, default=None, metavar="K",
+                   help="sub-pixel decoding instead of the run's eval.dark_kernel: 0 quarter-pixel, odd K >= 3 DARK")
     p.add_argument("--photos", choices=("boxes", "bare"), default=None,
                    help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
                         "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
+    p.add_argument("--passes", type=int, default=2,
+                   help="with --photos bare: the whole photo, then (passes - 1) times the box of the joints found")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")

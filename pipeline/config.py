@@ -137,6 +137,9 @@ class EvalConfig:
     # 1-based modules whose heatmaps are averaged (resized to the finest of them) before decoding;
     # empty: the last module only
     modules: list[int] = field(default_factory=list)
+    # sub-pixel decoding: 0, a quarter-pixel shift towards the higher neighbour; an odd size >= 3, DARK
+    # (Zhang et al. 2020) with a Gaussian blur of that kernel size in heatmap pixels (mmpose: 11 at sigma 2)
+    dark_kernel: int = 0
 
 
 @dataclass
@@ -245,6 +248,8 @@ def validate(cfg: Config) -> None:
     modules = sum(n for _, n in m.stages)
     if any(not 1 <= k <= modules for k in e.modules) or len(set(e.modules)) != len(e.modules):
         raise ConfigError(f"eval.modules must list distinct modules 1..{modules}; got {e.modules}")
+    if e.dark_kernel != 0 and (e.dark_kernel < 3 or e.dark_kernel % 2 == 0):
+        raise ConfigError(f"eval.dark_kernel must be 0 (quarter-pixel offset) or an odd size >= 3; got {e.dark_kernel}")
     if t.resume not in RESUME_MODES:
         raise ConfigError(f"train.resume must be one of {', '.join(RESUME_MODES)}; got {t.resume!r}")
     if t.keep_checkpoints < 1 or t.checkpoint_every < 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import EvalConfig
+from pipeline.config import EvalConfig, validate
 from shards.datasets import LSP_JOINTS, MPII_JOINTS
 from pipeline.inference import crop_to_original, predict_crops, predict_images
 
@@ -148,7 +148,7 @@ def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: E
     kept: list[int] = []
     for batch in loader:
         b = unpack(batch, device)
-        pred = predict_crops(model, b["image"], flip_perm if cfg.flip else None, cfg.modules).cpu().numpy()
+        pred = predict_crops(model, b["image"], flip_perm if cfg.flip else None, cfg.modules, cfg.dark_kernel).cpu().numpy()
         gt = b["keypoints"].cpu().numpy()
         matrix = b["matrix"].cpu().numpy()
         for i, sid in enumerate(b["sample_id"].view(-1).tolist()):
@@ -349,7 +349,8 @@ def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None
 
 def describe_eval(cfg: EvalConfig, modules: int) -> str:
     chosen = ", ".join(str(m) for m in cfg.modules) if cfg.modules else str(modules)
-    return f"flip test {'on' if cfg.flip else 'off'}, heatmaps of module {chosen}"
+    decoding = f"DARK decoding (kernel {cfg.dark_kernel})" if cfg.dark_kernel else "quarter-pixel decoding"
+    return f"flip test {'on' if cfg.flip else 'off'}, heatmaps of module {chosen}, {decoding}"
 
 
 def main(args) -> int:
@@ -373,14 +374,21 @@ def main(args) -> int:
         if not all(1 <= m <= len(model.strides) for m in modules):
             raise ValueError(f"--modules {args.modules}: the model has modules 1..{len(model.strides)}")
         eval_cfg = dataclasses.replace(eval_cfg, modules=modules)
-        cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    if getattr(args, "dark_kernel", None) is not None:
+        eval_cfg = dataclasses.replace(eval_cfg, dark_kernel=args.dark_kernel)
+    cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    validate(cfg)  # the overrides too
     photos = getattr(args, "photos", None)
     if photos and getattr(args, "sheet", None):
         raise ValueError("--sheet draws the validation crops: leave out --photos")
     if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
         flip = shards.flip_permutation() if eval_cfg.flip else None
-        results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size)
-        how = f"mshg predict on the photographs, {'with each person box' if photos == 'boxes' else 'bare: no box, 2 passes'}"
+        passes = getattr(args, "passes", 2)
+        if passes < 1:
+            raise ValueError(f"--passes must be >= 1; got {passes}")
+        results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size, passes)
+        how = "mshg predict on the photographs, " + ("with each person box" if photos == "boxes" else
+                                                     f"bare: no box, {passes} passes")
     else:
         loader = build_loader(shards, cfg.data, batch_size=args.batch_size, train=False,
                               device_id=device.index or 0 if device.type == "cuda" else None)

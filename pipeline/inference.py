@@ -12,28 +12,66 @@ import torch.nn.functional as F
 
 from pipeline.inputs import crop_matrix, to_model_input
 
-def decode_heatmaps(heatmaps: torch.Tensor, stride: int) -> torch.Tensor:
+def decode_heatmaps(heatmaps: torch.Tensor, stride: int, dark_kernel: int = 0) -> torch.Tensor:
     """(B, J, H, W) -> (B, J, 3): x, y in continuous input-crop coordinates, and the peak score.
 
-    Argmax, then a quarter-pixel shift towards the higher neighbour (Newell et al.)."""
+    Argmax, then a sub-pixel refinement: with `dark_kernel` 0, a quarter-pixel shift towards the
+    higher neighbour (Newell et al.); else DARK (Zhang et al. 2020, as mmpose's refine_keypoints_dark):
+    the map blurred by a Gaussian of that odd kernel size, its log's Newton step from the argmax."""
     b, j, h, w = heatmaps.shape
     flat = heatmaps.float().reshape(b, j, -1)
     score, index = flat.max(-1)
     x = (index % w).float()
     y = torch.div(index, w, rounding_mode="floor").float()
-    hm = heatmaps.float()
-    xi, yi = x.long(), y.long()
+    offset = dark_offset(heatmaps.float(), x.long(), y.long(), dark_kernel) if dark_kernel else \
+        quarter_offset(heatmaps.float(), x.long(), y.long())
+    x = (x + offset[..., 0] + 0.5) * stride
+    y = (y + offset[..., 1] + 0.5) * stride
+    return torch.stack([x, y, score], -1)
+
+
+def _at(hm: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor):
+    """A function (dx, dy) -> hm at the (B, J) cells (xi + dx, yi + dy), clamped to the map."""
+    b, j, h, w = hm.shape
     bi = torch.arange(b, device=hm.device)[:, None].expand(b, j)
     ji = torch.arange(j, device=hm.device)[None, :].expand(b, j)
+    return lambda dx, dy: hm[bi, ji, (yi + dy).clamp(0, h - 1), (xi + dx).clamp(0, w - 1)]
 
-    def at(yy, xx):
-        return hm[bi, ji, yy.clamp(0, h - 1), xx.clamp(0, w - 1)]
 
-    dx = torch.where((xi > 0) & (xi < w - 1), torch.sign(at(yi, xi + 1) - at(yi, xi - 1)), torch.zeros_like(x))
-    dy = torch.where((yi > 0) & (yi < h - 1), torch.sign(at(yi + 1, xi) - at(yi - 1, xi)), torch.zeros_like(y))
-    x = (x + 0.25 * dx + 0.5) * stride
-    y = (y + 0.25 * dy + 0.5) * stride
-    return torch.stack([x, y, score], -1)
+def quarter_offset(hm: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+    """(B, J, 2): +-0.25 towards the higher neighbour along x and y; 0 at the border."""
+    h, w = hm.shape[-2:]
+    at = _at(hm, xi, yi)
+    dx = torch.where((xi > 0) & (xi < w - 1), torch.sign(at(1, 0) - at(-1, 0)), 0.0)
+    dy = torch.where((yi > 0) & (yi < h - 1), torch.sign(at(0, 1) - at(0, -1)), 0.0)
+    return 0.25 * torch.stack([dx, dy], -1)
+
+
+def dark_offset(hm: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(B, J, 2): DARK's offset -H^-1 g of the log of the blurred map at the argmax, where the argmax
+    is 2+ cells from the border and the Hessian is invertible (else the quarter offset). The blur
+    (zero padding, sigma as OpenCV's default for the kernel size) is rescaled to the map's own peak,
+    and the step is clipped to one cell: a maximum's refinement stays within its cell's neighbours."""
+    b, j, h, w = hm.shape
+    sigma = 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
+    r = torch.arange(kernel, dtype=torch.float32, device=hm.device) - (kernel - 1) / 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    flat = hm.reshape(b * j, 1, h, w)
+    blurred = F.conv2d(F.conv2d(flat, g.view(1, 1, 1, -1), padding=(0, kernel // 2)), g.view(1, 1, -1, 1),
+                       padding=(kernel // 2, 0)).reshape(b, j, h, w)
+    peak = hm.amax((2, 3), keepdim=True)
+    blurred = blurred * peak / blurred.amax((2, 3), keepdim=True).clamp_min(1e-10)
+    at = _at(blurred.clamp_min(1e-10).log(), xi, yi)
+    dx, dy = 0.5 * (at(1, 0) - at(-1, 0)), 0.5 * (at(0, 1) - at(0, -1))
+    dxx = 0.25 * (at(2, 0) - 2 * at(0, 0) + at(-2, 0))
+    dyy = 0.25 * (at(0, 2) - 2 * at(0, 0) + at(0, -2))
+    dxy = 0.25 * (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1))
+    det = dxx * dyy - dxy ** 2
+    inner = (xi > 1) & (xi < w - 2) & (yi > 1) & (yi < h - 2) & (det.abs() > 1e-12)
+    safe = torch.where(inner, det, torch.ones_like(det))
+    step = torch.stack([-(dyy * dx - dxy * dy) / safe, -(dxx * dy - dxy * dx) / safe], -1).clamp(-1, 1)
+    return torch.where(inner[..., None], step, quarter_offset(hm, xi, yi))
 
 
 def crop_to_original(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -79,9 +117,9 @@ def crop_heatmaps(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[
 
 
 def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
-                  modules: list[int] = ()) -> torch.Tensor:
+                  modules: list[int] = (), dark_kernel: int = 0) -> torch.Tensor:
     """uint8 crops (B, S, S, 3) -> keypoints (B, J, 3) in crop coordinates: x, y and the peak score."""
-    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules))
+    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules), dark_kernel=dark_kernel)
 
 
 BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
@@ -124,7 +162,8 @@ def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: 
     size, padding = cfg.data.input_size, cfg.data.padding
     crops, matrices = zip(*(crop(image, box, size, padding) for image, box in zip(images, boxes)))
     device = next(model.parameters()).device
-    keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm, cfg.eval.modules).cpu()
+    keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm, cfg.eval.modules,
+                              cfg.eval.dark_kernel).cpu()
     xy = crop_to_original(keypoints[..., :2], torch.from_numpy(np.stack(matrices)))
     return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
 

@@ -405,7 +405,7 @@ class Trainer:
     def log_step(self, losses: list[float]) -> None:
         metrics = self.meter.metrics(losses, self.world.device)
         metrics.update({"lr": self.engine.get_lr()[0], "loss/smoothed": self.stopper.smoothed, "minutes": self.minutes,
-                        "epoch": self.batches.epoch})
+                        "epoch": self.batches.epoch, "images_seen": self.step * self.global_batch})
         self.tracker.log_metrics(metrics, self.step)
         if self.world.is_main and (self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1):
             stages = " ".join(f"{v:.4f}" for v in losses[1:])

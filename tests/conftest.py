@@ -7,9 +7,7 @@ import pytest
 
 from pipeline.cli import main as mshg
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "shards" / "sample" / "lspet"
-SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data, present on the team's machines and in CI
+from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, SAMPLE, SHARED_DATA  # noqa: F401  (imported from here too)
 
 
 def shard_sample(out: Path, first: int, last: int) -> Path:
@@ -23,6 +21,40 @@ def lspet_shards(tmp_path_factory) -> dict[str, Path]:
     """Train: images 1-48 of the embedded sample; val: 161-176 (held apart, as in the demo)."""
     root = tmp_path_factory.mktemp("shards")
     return {"train": shard_sample(root / "train", 1, 48), "val": shard_sample(root / "val", 161, 176)}
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """An untrained tiny model's weights file (what a run writes): predict and export need weights, not skill."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.model import build_model
+    from pipeline.weights import save_weights
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["name=tiny", "model.channels=16", "data.input_size=64"])
+    model = build_model(cfg.model, 14, 64)
+    return save_weights(model.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors", cfg,
+                        LSP_JOINTS, LSP_PAIRS)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(lspet_shards, tmp_path_factory) -> tuple[Path, str]:
+    """One 2-rank ZeRO-2 run of 6 steps (micro-batch 8: 3 batches an epoch per rank) through
+    launch/deepspeed.sh, as a user starts it on one node: (its folder, with runs/ddp and mlflow.db; its
+    output). tests/test_train.py reads it; tests/test_resume.py resumes a twin against it."""
+    import subprocess
+
+    from tests.helpers import free_port, run_env
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "ddp", "zero_stage": 2, "micro_batch": 8},
+                      stop={"max_steps": 6})
+    cmd = [str(REPO / "launch" / "deepspeed.sh"), "--num_gpus", "2", "--master_port", str(free_port()), str(cfg)]
+    proc = subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, proc.stdout + proc.stderr
 
 
 def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:

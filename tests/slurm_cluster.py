@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pytest
+from tests.helpers import free_port  # noqa: F401  (also imported from here)
 
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo")
 NOT_INSTALLED = "SLURM not installed: run .ci/install_slurm.sh"
@@ -66,12 +66,6 @@ def require_slurm() -> None:
         pytest.skip(reason)
 
 
-def free_port() -> int:
-    # Bind to port 0 and let the kernel pick; there is a small window before the daemon binds it,
-    # which is fine on a test machine.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_scontrol_line(line: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ Source truth comes from outside the pipeline: joints.mat read with scipy, images
 matrices built in numpy (`augment_matrix`), crops made with OpenCV."""
 import dataclasses
 import hashlib
-import io
 import json
 import tarfile
 

@@ -4,9 +4,6 @@ pose_fixtures), through the sharder, `mshg verify`, DALI and the trainer."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import torch
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SHARED_DATA, tiny_config
-from tests.test_train import find_run, free_port, run_env
+from tests.helpers import find_run, train
 
 FIXTURES = REPO / "tests" / "fixtures"
 
@@ -163,7 +160,7 @@ def test_mpii_fixture_and_coco_mini_shard_and_verify(tmp_path):
     assert mshg(["verify", str(tmp_path / "coco"), "--quiet"]) == 0
 
 
-def test_two_rank_training_on_a_weighted_mix_of_lspet_and_mpii(lspet_shards, tmp_path):
+def test_two_rank_training_on_a_weighted_mix_of_lspet_and_mpii(lspet_shards, tmp_path, capsys):
     """LSPET (14 joints) with MPII (16) mapped onto LSP's joints: upper_neck as neck, pelvis and thorax
     unused; 3 + 1 samples of every micro-batch of 4; 2 ranks; both sets are the run's dataset inputs."""
     mpii = tmp_path / "mpii"
@@ -172,10 +169,7 @@ def test_two_rank_training_on_a_weighted_mix_of_lspet_and_mpii(lspet_shards, tmp
     cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "mix", "micro_batch": 4}, stop={"max_steps": 3},
                       data={"train_weight": 3.0,
                             "extra_sets": [{"shards": str(mpii), "weight": 1.0, "joints": {"neck": "upper_neck"}}]})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--master-port", free_port(),
-                           "--config", str(cfg)], cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = train(tmp_path, cfg, ranks=2)
     assert "mixing 3 of lspet" in proc.stdout and "1 of mpii" in proc.stdout
     client, run = find_run(tmp_path, "mix")
     assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "lspet+mpii"
@@ -183,9 +177,8 @@ def test_two_rank_training_on_a_weighted_mix_of_lspet_and_mpii(lspet_shards, tmp
     assert names == ["lspet-train", "lspet-val", "mpii-train"]
     # a joint name that is in neither set is refused before any rank starts
     bad = tiny_config(tmp_path, lspet_shards, data={"extra_sets": [{"shards": str(mpii), "joints": {"neck": "chin"}}]})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--config", str(bad)],
-                          cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "['chin']" in proc.stderr
+    assert mshg(["train", "--ranks", "2", "--config", str(bad)]) == 2
+    assert "['chin']" in capsys.readouterr().err
 
 
 def test_mixed_batches_map_joints_and_leave_the_rest_unlabelled(lspet_shards, tmp_path):

@@ -12,12 +12,12 @@ from pipeline.inputs import to_model_input
 from pipeline.inference import crop, read_image
 from pipeline.weights import load_trained
 from tests.conftest import SAMPLE
-from tests.test_predict import LSP_JOINTS, weights  # noqa: F401  (the weights fixture)
+from tests.helpers import LSP_JOINTS
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
 
-def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):  # noqa: F811
+def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):
     out = tmp_path / "model.onnx"
     assert mshg(["export", "--checkpoint", str(weights), "--onnx", str(out)]) == 0
     model, cfg, meta = load_trained(weights)
@@ -40,12 +40,12 @@ def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):  # noqa:
     assert int(props["stride"]) == 8
 
 
-def test_export_needs_something_to_do(weights, capsys):  # noqa: F811
+def test_export_needs_something_to_do(weights, capsys):
     assert mshg(["export", "--checkpoint", str(weights)]) == 2
     assert "nothing to do" in capsys.readouterr().err
 
 
-def test_export_and_predict_run_without_dali(weights, tmp_path):  # noqa: F811
+def test_export_and_predict_run_without_dali(weights, tmp_path):
     """ONNX export and `mshg predict` need no DALI: a process where importing nvidia.dali fails (as on a
     machine without it) exports and predicts; only the data pipeline needs DALI."""
     import subprocess

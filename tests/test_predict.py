@@ -7,27 +7,10 @@ import pytest
 import torch
 
 from pipeline.cli import main as mshg
-from pipeline.config import load_config
-from pipeline.model import build_model
-from pipeline.weights import save_weights
 from tests.conftest import SAMPLE
+from tests.helpers import LSP_JOINTS
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
-
-LSP_JOINTS = ["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
-              "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top"]
-LSP_PAIRS = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """An untrained tiny model's weights file (what a run writes): predict needs weights, not skill."""
-    torch.manual_seed(0)
-    cfg = load_config(None, ["name=tiny", "model.channels=16", "data.input_size=64"])
-    model = build_model(cfg.model, 14, 64)
-    return save_weights(model.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors", cfg,
-                        LSP_JOINTS, LSP_PAIRS)
-
 
 def test_predict_batches_overlays_and_reports_unreadable_images(weights, tmp_path, capsys):
     images = [str(SAMPLE / "images" / f"im{i:05d}.jpg") for i in range(161, 166)]

@@ -18,28 +18,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SAMPLE, tiny_config
-from tests.test_train import free_port, run_env
+from tests import helpers
+from tests.helpers import run_env
 
 
-def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1, timeout: int = 600):
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(ranks), "--master-port", free_port(),
-               "--config", str(cfg), *overrides]
-    return subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=timeout)
+def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    """A training expected to fail: the caller checks its exit code and lines."""
+    return helpers.train(tmp, cfg, *overrides, ranks=ranks, check=False)
 
 
 def mlflow_run(tmp: Path, name: str):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
-                              filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1
-    return runs[0]
+    return helpers.find_run(tmp, name)[1]
 
 
 def copy_shards(src: Path, dst: Path) -> Path:
@@ -99,15 +91,18 @@ def test_nan_loss_is_one_line_and_a_failed_run(lspet_shards, tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("FloatingPointError: loss is")
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_truncated_tar_names_the_shard_and_fails_the_run(ranks, lspet_shards, tmp_path):
+def test_truncated_tar_names_the_shard_and_fails_the_run(lspet_shards, tmp_path, capsys):
+    """Refused before any rank trains: by `mshg train --ranks 2` before the launcher, and by a rank itself."""
     shards = copy_shards(lspet_shards["train"], tmp_path / "shards")
     tar = shards / "shard-000000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])  # the index still lists what was cut off
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": f"cut{ranks}", "micro_batch": 4},
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "cut", "micro_batch": 4},
                       data={"train_shards": str(shards)}, stop={"max_steps": 30})
-    proc = train(tmp_path, cfg, ranks=ranks)
-    assert proc.returncode == 2, proc.stderr[-2000:]  # refused before any rank trains
+    assert mshg(["train", "--ranks", "2", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "shard-000000.tar" in err and "cut short or replaced" in err
+    proc = train(tmp_path, cfg)
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "shard-000000.tar" in proc.stderr and "cut short or replaced" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -185,35 +180,29 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_crafted_checkpoint_runs_no_code_on_resume_or_export(finished_run, tmp_path, capsys):
+def test_crafted_checkpoint_runs_no_code_on_resume_or_export(finished_run, tmp_path, capsys, monkeypatch):
     cfg, run_dir = copy_of(finished_run, tmp_path, "evil")
     tag = run_dir / "checkpoints" / "step00000002"
     marker = tmp_path / "pwned"
     with open(tag / "mp_rank_00_model_states.pt", "wb") as f:
         pickle.dump(Payload(marker), f)
     proc = train(tmp_path, cfg, "stop.max_steps=3")
-    assert proc.returncode == 2 and "changed since the checkpoint was written" in proc.stderr
-    assert not marker.exists()
+    assert proc.returncode == 2 and "mp_rank_00_model_states.pt changed since the checkpoint was written" in proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists()
     # export reads weights.safetensors: no pickle at all, the tampered file is not touched
     out = tmp_path / "w.safetensors"
     assert mshg(["export", "--checkpoint", str(tag), "--safetensors", str(out)]) == 0 and out.is_file()
     assert not marker.exists()
-    # a foreign checkpoint (signed with another key) is refused before DeepSpeed unpickles it
+    # a foreign checkpoint (signed with another key) is refused before DeepSpeed unpickles it: the check
+    # the trainer runs first on a resume, here in-process with another key
+    from pipeline.checkpoint import check_signature
+    from pipeline.config import ConfigError
+
     (tmp_path / "other.key").write_bytes(os.urandom(32))
-    env = {**run_env(tmp_path), "MSHG_CHECKPOINT_KEY": str(tmp_path / "other.key")}
-    shutil.copytree(tmp_path / "runs" / "evil", tmp_path / "runs" / "foreign")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(cfg), "train.run_name=foreign",
-                           "stop.max_steps=3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "signed with another key" in proc.stderr
+    monkeypatch.setenv("MSHG_CHECKPOINT_KEY", str(tmp_path / "other.key"))
+    with pytest.raises(ConfigError, match="signed with another key"):
+        check_signature(finished_run / "runs" / "base" / "checkpoints" / "step00000002")
     assert not marker.exists()
-
-
-def test_empty_checkpoint_file_is_named_on_resume(finished_run, tmp_path):
-    cfg, run_dir = copy_of(finished_run, tmp_path)
-    victim = next((run_dir / "checkpoints" / "step00000002").glob("*optim_states.pt"))
-    victim.write_bytes(b"")
-    proc = train(tmp_path, cfg, "stop.max_steps=3")
-    assert proc.returncode == 2 and victim.name in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(lspet_shards, tmp_path):
@@ -245,16 +234,17 @@ def test_refused_resume_changes_nothing_of_the_run(finished_run, tmp_path):
 
 # --- inputs checked before the work -------------------------------------------------------------------
 
-def test_validation_shards_of_another_joint_set_fail_before_training(lspet_shards, tmp_path):
+def test_validation_shards_of_another_joint_set_fail_before_training(lspet_shards, tmp_path, capsys):
     other = copy_shards(lspet_shards["val"], tmp_path / "other")
     manifest = json.loads((other / "manifest.json").read_text())
     manifest.update(dataset="mpii", joints=[f"j{i}" for i in range(16)])
     (other / "manifest.json").write_text(json.dumps(manifest))
     cfg = tiny_config(tmp_path, lspet_shards, data={"val_shards": str(other)})
     t0 = time.monotonic()
-    for ranks in (1, 2):
-        proc = train(tmp_path, cfg, ranks=ranks)
-        assert proc.returncode == 2 and "has other joints than data.train_shards" in proc.stderr
+    assert mshg(["train", "--ranks", "2", "--config", str(cfg)]) == 2  # before the launcher
+    assert "has other joints than data.train_shards" in capsys.readouterr().err
+    proc = train(tmp_path, cfg)  # and by a rank itself
+    assert proc.returncode == 2 and "has other joints than data.train_shards" in proc.stderr
     assert time.monotonic() - t0 < 120 and not (tmp_path / "runs").exists()
 
 

@@ -23,17 +23,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, tiny_config
-from tests.test_train import free_port
+from tests.conftest import tiny_config
+from tests import helpers
+from tests.helpers import find_run, run_env
 
 N = 9  # steps of the reference run
 EXIT_REQUEUE = 75
 METRICS = ["loss/total", "loss/smoothed", "lr", "loss/stage_1", "loss/stage_8"]
-
-
-def env_for(tmp: Path) -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
-                PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
 
 
 def config(tmp: Path, shards, **train) -> Path:
@@ -43,7 +39,7 @@ def config(tmp: Path, shards, **train) -> Path:
 
 def train(tmp: Path, cfg: Path, *overrides: str, wait: bool = True):
     cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), *overrides]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env_for(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=tmp, env=run_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     if not wait:
         return proc
@@ -107,63 +103,15 @@ def assert_same_as_reference(tmp: Path, ref: dict) -> float:
     return diff
 
 
-def test_stop_at_k_then_resume_matches_uninterrupted_run(lspet_shards, tmp_path, reference):
-    cfg = config(tmp_path, lspet_shards)
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
-    code, out = train(tmp_path, cfg, "stop.max_steps=7")  # step 7 = epoch 1, second batch
-    assert code == 0, out[-4000:]
-    assert (tmp_path / "runs" / "r" / "checkpoints" / "latest").read_text() == "step00000007"
-    # a new run under an existing name is refused before any work
-    code, out = train(tmp_path, cfg, "train.resume=never")
-    assert code == 2 and "train.resume=never, but" in out, out[-2000:]
-
-    code, out = train(tmp_path, cfg, "train.resume=require")
-    assert code == 0, out[-4000:]
-    assert "resumed at step 7" in out
-    assert "epoch 1: skipped the 1 batches already trained on" in out
-    print(f"max_steps resume: max weight difference {assert_same_as_reference(tmp_path, reference())}")
-
-
-@pytest.mark.parametrize("k", [5, 6])
-def test_resume_just_before_and_at_an_epoch_end_is_exact(k, lspet_shards, tmp_path, reference):
-    """6 batches an epoch: a checkpoint after the epoch's 5th batch, and one after its last (6th), resume
-    to the same losses and weights as the uninterrupted run (step 7, after the end, is the test above).
-    The 6th used to resume by skipping the whole next epoch under the old epoch's seed."""
-    cfg = config(tmp_path, lspet_shards)
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
-    code, out = train(tmp_path, cfg, f"stop.max_steps={k}")
-    assert code == 0, out[-4000:]
-    code, out = train(tmp_path, cfg)
-    assert code == 0, out[-4000:]
-    assert f"resumed at step {k}" in out
-    assert ("skipped the" in out) == (k == 5)  # at the epoch end nothing is left to skip
-    assert_same_as_reference(tmp_path, reference())
-
-
-def test_two_rank_resume_at_an_epoch_end_is_exact(lspet_shards, tmp_path):
-    """2 ranks, 3 batches an epoch per rank: 6 steps uninterrupted against 3 + 3 (the checkpoint at the
-    end of epoch 0), same loss history value for value."""
-    runs = {}
-    for name, stops in (("whole", [6]), ("split", [3, 6])):
-        cfg = config(tmp_path, lspet_shards, run_name=name)
-        for n in stops:
-            cmd = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--master-port", free_port(),
-                   "--config", str(cfg), f"stop.max_steps={n}"]
-            proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True,
-                                  timeout=600)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-        run = client.search_runs(client.get_experiment_by_name("mshg").experiment_id,
-                                 filter_string=f"attributes.run_name = '{name}'")[0]
-        runs[name] = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
-                                                         key=lambda m: m.step)]
-    assert [s for s, _ in runs["whole"]] == list(range(1, 7))
-    assert runs["split"] == runs["whole"]
-
-
-def test_sigusr1_mid_run_checkpoints_exits_75_and_resumes_exactly(lspet_shards, tmp_path, reference):
-    """SIGUSR1 after step 1, then SIGTERMs every 20 ms until the process is gone (signals while
-    it saves): exit 75 with a complete checkpoint, and the resumed run equals the reference."""
+def test_signal_and_resumes_around_an_epoch_end_match_the_uninterrupted_run(lspet_shards, tmp_path, reference):
+    """One run stopped five ways, each resume continuing the last, equals the uninterrupted reference in
+    MLflow value for value and in its final weights bit for bit (6 batches an epoch):
+    1. SIGUSR1 after step 1, then SIGTERMs every 20 ms until the process is gone (signals while it
+       saves): exit 75 with a complete checkpoint at step k < 5, the MLflow run KILLED;
+    2. resumed to max_steps 5, 3. to 6: a checkpoint after the epoch's 5th batch and one after its
+       last (the 6th used to resume by skipping the whole next epoch under the old epoch's seed);
+    4. to 7 (epoch 1's second batch); 5. a new run under the name is refused (train.resume=never);
+    6. train.resume=require to the end, skipping the 1 batch of epoch 1 already trained on."""
     cfg = config(tmp_path, lspet_shards)
     MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
     proc = train(tmp_path, cfg, wait=False)
@@ -194,17 +142,43 @@ def test_sigusr1_mid_run_checkpoints_exits_75_and_resumes_exactly(lspet_shards, 
     assert proc.returncode == EXIT_REQUEUE, out[-4000:]
     assert extra > 0
     k = int((tmp_path / "runs" / "r" / "checkpoints" / "latest").read_text()[4:])
-    assert 1 <= k < N, k
+    assert 1 <= k < 5, k
     seconds = float(re.search(r"checkpoint step\d+ written ([\d.]+) s after SIGUSR1", out).group(1))
     _, run = history(tmp_path)
     assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "signal"
 
-    code, out = train(tmp_path, cfg)
+    for start, stop in ((k, 5), (5, 6), (6, 7)):
+        code, out = train(tmp_path, cfg, f"stop.max_steps={stop}")
+        assert code == 0, out[-4000:]
+        assert f"resumed at step {start}" in out
+        assert ("skipped the" in out) == (start != 6), out[-2000:]  # at the epoch end nothing is left to skip
+    assert (tmp_path / "runs" / "r" / "checkpoints" / "latest").read_text() == "step00000007"
+    code, out = train(tmp_path, cfg, "train.resume=never")
+    assert code == 2 and "train.resume=never, but" in out, out[-2000:]
+    code, out = train(tmp_path, cfg, "train.resume=require")
     assert code == 0, out[-4000:]
-    assert f"resumed at step {k}" in out
+    assert "resumed at step 7" in out and "epoch 1: skipped the 1 batches already trained on" in out
     diff = assert_same_as_reference(tmp_path, reference())
     print(f"signal at step {k}: checkpoint written {seconds:.2f} s after SIGUSR1 ({extra} more signals "
-          f"while stopping); resumed run: max weight difference {diff}")
+          f"while stopping); resumed 4 times: max weight difference {diff}")
+
+
+def test_two_rank_resume_at_an_epoch_end_is_exact(two_rank_run, lspet_shards, tmp_path):
+    """2 ranks, 3 batches an epoch per rank: 3 + 3 steps (the checkpoint at the end of epoch 0) against
+    the 6 uninterrupted steps of the shared two-rank run (same config but the name), loss for loss."""
+    whole_dir, _ = two_rank_run
+    client, run = find_run(whole_dir, "ddp")
+    whole = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
+                                                key=lambda m: m.step)]
+    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "split", "micro_batch": 8}, stop={"max_steps": 6})
+    helpers.train(tmp_path, cfg, "stop.max_steps=3", ranks=2)
+    proc = helpers.train(tmp_path, cfg, ranks=2)
+    assert "resumed at step 3" in proc.stdout
+    client, run = find_run(tmp_path, "split")
+    split = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
+                                                key=lambda m: m.step)]
+    assert [s for s, _ in whole] == list(range(1, 7))
+    assert split == whole
 
 
 def test_kill_while_saving_leaves_the_previous_checkpoint_usable(lspet_shards, tmp_path):

@@ -30,6 +30,20 @@ def test_peak_sits_at_the_keypoint_at_every_resolution():
     assert weights.tolist() == [[1.0]]
 
 
+def test_dark_decoding_recovers_sub_pixel_keypoints_the_quarter_offset_cannot():
+    """DARK (eval.dark_kernel) on Gaussian targets at random sub-pixel positions: within 0.1 heatmap
+    pixel, where the quarter offset errs up to 0.25+; at the border it falls back to the quarter offset."""
+    g = torch.Generator().manual_seed(0)
+    xy = 16 + torch.rand(1, 32, 2, generator=g) * 64  # away from the border of a 96-pixel crop
+    kp = torch.cat([xy, torch.ones(1, 32, 1)], -1)
+    hm = make_targets(kp, 96, [4], sigma=2.0)[0][4]
+    quarter = (decode_heatmaps(hm, 4)[0, :, :2] - xy[0]).abs().max() / 4
+    dark = (decode_heatmaps(hm, 4, dark_kernel=11)[0, :, :2] - xy[0]).abs().max() / 4
+    assert dark < 0.1 < quarter, (dark, quarter)
+    edge = make_targets(one_joint(1.3, 50.0), 96, [4], sigma=2.0)[0][4]  # argmax in column 0
+    assert decode_heatmaps(edge, 4, 11)[0, 0, 0] == decode_heatmaps(edge, 4)[0, 0, 0]
+
+
 def test_gaussian_peak_is_one_at_a_pixel_centre_and_sigma_scales_with_stride():
     hm, _ = make_targets(one_joint(4 * 10 + 2, 4 * 20 + 2), SIZE, [4], sigma=2.0)  # centre of pixel (10, 20)
     assert torch.isclose(hm[4][0, 0, 20, 10], torch.tensor(1.0))

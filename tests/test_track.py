@@ -16,23 +16,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.cli import main as mshg
-from tests.conftest import REPO, SAMPLE, tiny_config
-from tests.mlflow_server import MlflowServer, free_port
+from tests.conftest import REPO, tiny_config
+from tests.helpers import LSP_JOINTS, STAGES, free_port, server_env, train_cmd
+from tests.mlflow_server import MlflowServer
 
-STAGES = [f"loss/stage_{i}" for i in range(1, 9)]
-LSP_JOINTS = ["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
-              "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top"]
 WARNING = "UserWarning: MLflow "  # the tracker's one warning (MLflow's own logger may add lines)
-
-
-def train_env(uri: str) -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO),
-                MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", OMP_NUM_THREADS="1",
-                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-
-
-def train_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", "--config", str(cfg)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +35,7 @@ def tracked_run(server, lspet_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3, "log_model": True},
                       stop={"max_steps": 6})
-    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=train_env(server.uri), capture_output=True, text=True,
+    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(server.uri), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(tracking_uri=server.uri)
@@ -169,7 +157,7 @@ def test_training_survives_the_server_going_away(lspet_shards, tmp_path):
     try:
         cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "orphan", "eval_every": 3},
                           stop={"max_steps": 8})
-        proc = subprocess.Popen(train_cmd(cfg), cwd=tmp_path, env=train_env(doomed.uri), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(train_cmd(cfg), cwd=tmp_path, env=server_env(doomed.uri), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         stderr = []
         threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()

@@ -5,18 +5,15 @@ the comparison page lists both, and the chart view draws both runs' per-stage lo
 screenshot's path is printed."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_config
 from tests.mlflow_server import MlflowServer
-from tests.test_track import train_cmd, train_env
+from tests.helpers import server_env, train_cmd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RUNS = ("ui-a", "ui-b")
@@ -28,7 +25,7 @@ def two_runs(lspet_shards, tmp_path_factory):
     with MlflowServer(tmp / "server") as server:
         for name, lr in zip(RUNS, (1e-3, 3e-3)):
             cfg = tiny_config(tmp, lspet_shards, train={"run_name": name, "lr": lr}, stop={"max_steps": 4})
-            proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=train_env(server.uri), capture_output=True,
+            proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(server.uri), capture_output=True,
                                   text=True, timeout=400)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         yield server, tmp
