@@ -161,6 +161,9 @@ def init(device: str = "auto") -> World:
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        # every rank says which GPU it drives (shared nodes, SLURM's binding)
+        print(f"rank {env['RANK']} (local {local_rank}): {device} {torch.cuda.get_device_name(device)}", flush=True)
     else:
         # ranks on one CPU machine share its cores: give each its part, or they fight over them
         local_size = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or env["WORLD_SIZE"])
@@ -188,3 +191,9 @@ def gather_objects(obj, world: World) -> list:
     out = [None] * world.size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def barrier(world: World) -> None:
+    """All ranks wait here (a world of one does not)."""
+    if world.size > 1:
+        torch.distributed.barrier()

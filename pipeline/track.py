@@ -69,11 +69,8 @@ class Tracker:
         self.client = MlflowClient()
         self._metric = mlflow.entities.Metric
         tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
-        if not run_id and "dataset" in tags:  # the run's description in the UI: what to compare it by
-            tags["mlflow.note.content"] = " · ".join(
-                f"{label} {tags[key][:8] if key == 'git_commit' else tags[key]}"
-                for label, key in [("dataset", "dataset"), ("config", "config"), ("ZeRO", "zero_stage"),
-                                   ("ranks", "world_size"), ("commit", "git_commit")] if key in tags)
+        if not run_id and "dataset" in tags:
+            tags["mlflow.note.content"] = run_description(tags)
         try:
             exp = mlflow.set_experiment(experiment)
             self.experiment_id = exp.experiment_id
@@ -119,35 +116,9 @@ class Tracker:
             return None
 
     def log_datasets(self, shard_sets: list[tuple[object, str]]) -> None:
-        """Each (ShardSet, split) as an MLflow dataset input: name, source directory, the manifest's digest,
-        sample count and joints, so the UI's Dataset column and filters show what a run trained on."""
-        if not self.enabled:
-            return
-        import hashlib
-        import json
-
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-
-        class ShardDataset(MetaDataset):
-            def __init__(self, shards, split: str):
-                self._profile = {"num_rows": shards.num_samples, "split": split, "joints": len(shards.joints),
-                                 "dataset": shards.dataset}
-                digest = hashlib.sha256((Path(shards.root) / "manifest.json").read_bytes()).hexdigest()[:12]
-                with warnings.catch_warnings():  # MLflow registers its local-path source twice and says so
-                    warnings.simplefilter("ignore", UserWarning)
-                    source = resolve_dataset_source(str(Path(shards.root).resolve()))
-                super().__init__(source, name=f"{shards.dataset}-{split}", digest=digest)
-
-            @property
-            def profile(self):
-                return self._profile
-
-            def to_dict(self):
-                return {**super().to_dict(), "profile": json.dumps(self._profile)}
-
-        for shards, split in shard_sets:
-            self._guard("log_input", self._mlflow.log_input, ShardDataset(shards, split),
+        """Each (ShardSet, split) as an MLflow dataset input (`shard_dataset`)."""
+        for shards, split in shard_sets if self.enabled else []:
+            self._guard("log_input", self._mlflow.log_input, shard_dataset(shards, split),
                         context="training" if split == "train" else "validation")
 
     def log_params(self, params: dict) -> None:
@@ -255,22 +226,7 @@ class Tracker:
         if not self._failed:
             self._guard("end_run", self._mlflow.end_run, status=status)
         if self._failed:
-            self._abandon_run()
-
-    def _abandon_run(self) -> None:
-        """The store is gone: end the run locally without another request (MLflow's exit hook would
-        otherwise try again) and stop the system-metrics thread."""
-        try:
-            from mlflow.tracking import fluent
-
-            monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
-            if monitor is not None:
-                monitor._shutdown_event.set()  # its thread is a daemon; no join on a dead server
-            stack = fluent._active_run_stack.get()
-            while stack:
-                stack.pop()
-        except Exception:  # MLflow internals moved: the exit hook's own try is the fallback
-            pass
+            abandon_local_run(self.run_id)
 
     def log_run_inputs(self, datasets: list, params: dict, config_file, deepspeed_config: dict) -> None:
         """A new run's records: its shard sets as dataset inputs, the flattened config as params, the
@@ -282,17 +238,72 @@ class Tracker:
         self.log_dict(deepspeed_config, "deepspeed_config.json")
 
     def ui_command(self) -> str:
-        """How to look at the run: the server command (a local store) and the page of the experiment's
-        runs. MLflow 3.17's UI opens experiments in its GenAI view unless the URL (or its toggle at the
-        top left) says `workflowType=machine_learning`."""
-        uri = self.tracking_uri
-        page = f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning" if self.experiment_id else ""
-        if uri.startswith(("http://", "https://")):
-            return f"open {uri.rstrip('/')}/{page} in a browser"
-        # the mlflow next to this interpreter: the venv's, which may not be on the user's PATH
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
-        exe = str(mlflow_bin) if mlflow_bin.exists() and not shutil.which("mlflow") else "mlflow"
-        return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000/{page}"
+        return ui_command(self.tracking_uri, self.experiment_id)
+
+
+def shard_dataset(shards, split: str):
+    """A ShardSet as an MLflow dataset: name, source directory, the manifest's digest, sample count and
+    joints, so the UI's Dataset column and filters show what a run trained on."""
+    import hashlib
+    import json
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ShardDataset(MetaDataset):
+        def __init__(self):
+            self._profile = {"num_rows": shards.num_samples, "split": split, "joints": len(shards.joints),
+                             "dataset": shards.dataset}
+            digest = hashlib.sha256((Path(shards.root) / "manifest.json").read_bytes()).hexdigest()[:12]
+            with warnings.catch_warnings():  # MLflow registers its local-path source twice and says so
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(str(Path(shards.root).resolve()))
+            super().__init__(source, name=f"{shards.dataset}-{split}", digest=digest)
+
+        @property
+        def profile(self):
+            return self._profile
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    return ShardDataset()
+
+
+def run_description(tags: dict[str, str]) -> str:
+    """A new run's description in the UI (mlflow.note.content): what to compare it by."""
+    return " · ".join(f"{label} {tags[key][:8] if key == 'git_commit' else tags[key]}"
+                      for label, key in [("dataset", "dataset"), ("config", "config"), ("ZeRO", "zero_stage"),
+                                         ("ranks", "world_size"), ("commit", "git_commit")] if key in tags)
+
+
+def ui_command(uri: str, experiment_id: str | None) -> str:
+    """How to look at a run: the server command (a local store) and the page of the experiment's runs.
+    MLflow 3.17's UI opens experiments in its GenAI view unless the URL (or its toggle at the top left)
+    says `workflowType=machine_learning`."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page} in a browser"
+    # the mlflow next to this interpreter: the venv's, which may not be on the user's PATH
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    exe = str(mlflow_bin) if mlflow_bin.exists() and not shutil.which("mlflow") else "mlflow"
+    return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000/{page}"
+
+
+def abandon_local_run(run_id: str | None) -> None:
+    """The store is gone: end the run locally without another request (MLflow's exit hook would
+    otherwise try again) and stop the system-metrics thread."""
+    try:
+        from mlflow.tracking import fluent
+
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
+        if monitor is not None:
+            monitor._shutdown_event.set()  # its thread is a daemon; no join on a dead server
+        stack = fluent._active_run_stack.get()
+        while stack:
+            stack.pop()
+    except Exception:  # MLflow internals moved: the exit hook's own try is the fallback
+        pass
 
 
 def mark_failed(experiment: str, run_name: str, error: str) -> bool:

@@ -247,6 +247,7 @@ class Trainer:
         seed_everything(cfg.data.seed + self.world.rank)
         self.folder = RunFolder(cfg.train.out_dir, distributed.broadcast_object(default_run_name(cfg), self.world),
                                 self.world.is_main)
+        self.log = self.folder.log  # rank 0's line on stdout and in train.log
         self.signals = StopSignals(self.log)  # early: a signal during start-up is acted on after the first step
         self.checkpointer = Checkpointer(self.folder.path / "checkpoints", cfg.train.keep_checkpoints, self.world)
         resume_tag = self.checkpointer.resume_tag(cfg.train.resume)  # train.resume=never|require fail here
@@ -268,34 +269,18 @@ class Trainer:
         resumed = self.checkpointer.load(self.engine, resume_tag) if resume_tag else None
         if resumed:
             self.load_state_dict(resumed, resume_tag)  # a refused resume stops here, the run dir untouched
-        config_file = self.folder.save_config(cfg) if self.world.is_main else None
-        self.tracker = Tracker(self.world.is_main, cfg.train.experiment, self.folder.path.name,
-                               run_id=resumed.get("mlflow_run_id") if resumed else None, tags=self.run_tags())
+        self.tracker = open_tracking(cfg, self.folder, self.world, resumed, self.train_shards, self.extra_shards,
+                                     self.val_shards)
         self.validation = Validation(self.val_shards, cfg, max(32, self.micro_batch), self.world, self.dali_device,
                                      self.tracker, self.log) if self.val_shards else None
-        if not resumed:
-            self.tracker.log_run_inputs([(s, "train") for s in [self.train_shards, *self.extra_shards]]
-                                        + ([(self.val_shards, "val")] if self.val_shards else []),
-                                        flatten(to_dict(cfg)), config_file, deepspeed_config(cfg, self.world.size))
-        self.log(self.world.device_note)
-        self.log(precision_note)
-        if self.world.device.type == "cuda":  # every rank: which GPU it drives (shared nodes, SLURM binding)
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-            print(f"rank {self.world.rank} (local {self.world.local_rank}): {self.world.device} "
-                  f"{torch.cuda.get_device_name(self.world.device)}", flush=True)
+        for line in (self.world.device_note, precision_note):
+            self.log(line)
         self.log(f"run {self.folder.path.name}: {self.world.size} rank(s) on {self.world.device}, "
                  f"{self.train_shards.num_samples} training samples, batch {self.global_batch} = "
                  f"{self.micro_batch} x {self.accum} accumulation x {self.world.size} rank(s), "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")
 
-    def log(self, message: str) -> None:
-        self.folder.log(message)
-
     # -- state -------------------------------------------------------------------------------------
-    def run_tags(self) -> dict:
-        return {"dataset": "+".join(s.dataset for s in [self.train_shards, *self.extra_shards]), "config": self.cfg.name,
-                "zero_stage": self.cfg.train.zero_stage, "world_size": self.world.size}
-
     def state_dict(self) -> dict:
         """The trainer's part of a checkpoint (DeepSpeed adds weights, optimizer and scheduler). Called
         by every rank: the RNG states of all ranks are gathered, as DeepSpeed keeps rank 0's copy."""
@@ -407,33 +392,18 @@ class Trainer:
         metrics.update({"lr": self.engine.get_lr()[0], "loss/smoothed": self.stopper.smoothed, "minutes": self.minutes,
                         "epoch": self.batches.epoch, "images_seen": self.step * self.global_batch})
         self.tracker.log_metrics(metrics, self.step)
-        if self.world.is_main and (self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1):
-            stages = " ".join(f"{v:.4f}" for v in losses[1:])
-            times = " ".join(f"{k.split('/')[1]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("time_"))
-            self.log(f"step {self.step:5d} epoch {self.batches.epoch} loss {losses[0]:.5f} "
-                     f"(smoothed {self.stopper.smoothed:.5f}) stages [{stages}] {metrics['images_per_s']:.1f} img/s "
-                     f"{self.minutes:.1f} min; time: {times}")
-
-    def eval_model(self) -> torch.nn.Module:
-        """What is evaluated and exported: the weight average when there is one, with rank 0's BatchNorm
-        statistics on every rank (each rank's own drift apart; the checkpoint keeps rank 0's)."""
-        model = self.ema.module if self.ema is not None else self.engine.module
-        if self.world.size > 1:
-            for buf in model.buffers():
-                torch.distributed.broadcast(buf, src=0)
-        return model
+        if self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1:
+            self.log(step_line(self.step, losses, metrics))
 
     def evaluate(self) -> dict | None:
-        return self.validation.run(self.eval_model(), self.step, self.minutes) if self.validation else None
+        return self.validation.run(evaluated_model(self.engine.module, self.ema, self.world), self.step,
+                                   self.minutes) if self.validation else None
 
     def save_checkpoint(self):
         if self.checkpointer.saved_step == self.step:  # e.g. checkpoint_every fell on the last step
             return self.checkpointer.last_saved
-        meta = {"step": self.step, "engine_steps": self.engine.global_steps, "micro_batches": self.batches.drawn,
-                "epoch": self.batches.epoch, "position": self.batches.position, "world_size": self.world.size,
-                "zero_stage": self.cfg.train.zero_stage, "config": (self.folder.path / CONFIG_FILE).read_text(),
-                "joints": self.train_shards.joints, "flip_pairs": self.train_shards.flip_pairs,
-                "skeleton": self.train_shards.skeleton}
+        meta = checkpoint_meta(self.step, self.engine.global_steps, self.batches, self.world.size, self.cfg, self.folder,
+                               self.train_shards)
         tensors = {"weights": full_state_dict(self.engine.module, self.cfg.train.zero_stage)}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
@@ -454,40 +424,86 @@ class Trainer:
         self.tracker.flush()
         if reason == SIGNAL:  # preempted: the checkpoint is all that matters now
             self.tracker.finish("KILLED")
-            self.barrier()
+            distributed.barrier(self.world)
             return EXIT_REQUEUE
         # fp32 weights of the final checkpoint (the weight average when there is one) -> runs/NAME/model.safetensors
         weights = export_zero_checkpoint(checkpoint, self.folder.path / WEIGHTS_FILE) if self.world.is_main else None
         metrics = self.evaluate()
         if self.world.is_main:
-            if metrics:
-                self.tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, self.step)
-            self.tracker.log_artifact(self.folder.log_file)
-            self.tracker.log_loss_curves(len(self.strides))
-            print(self.folder.write_summary(headline(metrics) if metrics else None, checkpoint, weights, reason,
-                                            self.step, self.tracker.run_id, self.tracker.ui_command(), seconds), flush=True)
-            if weights and self.cfg.train.log_model:  # after the summary: the results are out already
-                model, _, meta = load_trained(weights)
-                self.tracker.log_model(model, self.cfg.data.input_size, meta["joints"], meta["flip_pairs"])
+            publish_run(self.cfg, self.folder, self.tracker, metrics, checkpoint, weights, reason, self.step, seconds,
+                        len(self.strides))
         self.tracker.finish()
-        self.barrier()
+        distributed.barrier(self.world)  # together: launchers end the others once one exits; rank 0 was publishing
         return 0
 
-    def barrier(self) -> None:
-        """All ranks end together: srun (--wait) and the deepspeed launcher end the others soon after
-        the first rank exits, and rank 0 may still be exporting, evaluating or logging the model."""
-        if self.world.size > 1:
-            torch.distributed.barrier()
 
-    def abort(self, error: BaseException) -> str:
-        """The run raised: record it in MLflow as FAILED (KILLED for a second Ctrl-C) with the error's first
-        line as a tag, and say in one line what happened and what to do."""
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        self.tracker.set_tags({"error": f"{type(error).__name__}: {first_line(error)}"[:5000],
-                               "stop_reason": status.lower(), "stopped_at_step": self.step})
-        self.tracker.finish(status)
-        last = self.checkpointer.latest_tag()
-        return failure_message(error, self.step, self.checkpointer.dir / last if last else None)
+def checkpoint_meta(step: int, engine_steps: int, batches, world_size: int, cfg: Config, folder: RunFolder,
+                    shards: ShardSet) -> dict:
+    """A checkpoint's meta.json, for people and for `mshg export`/`predict`: where training stood, the
+    config that ran, the joints and skeleton the weights predict."""
+    return {"step": step, "engine_steps": engine_steps, "micro_batches": batches.drawn, "epoch": batches.epoch,
+            "position": batches.position, "world_size": world_size, "zero_stage": cfg.train.zero_stage,
+            "config": (folder.path / CONFIG_FILE).read_text(), "joints": shards.joints,
+            "flip_pairs": shards.flip_pairs, "skeleton": shards.skeleton}
+
+
+def step_line(step: int, losses: list[float], metrics: dict[str, float]) -> str:
+    """The log line of a step: losses (total, smoothed, per module), speed, minutes and where the time went."""
+    stages = " ".join(f"{v:.4f}" for v in losses[1:])
+    times = " ".join(f"{k.split('/')[1]} {100 * v:.0f}%" for k, v in metrics.items() if k.startswith("time_"))
+    return (f"step {step:5d} epoch {metrics['epoch']} loss {losses[0]:.5f} (smoothed {metrics['loss/smoothed']:.5f}) "
+            f"stages [{stages}] {metrics['images_per_s']:.1f} img/s {metrics['minutes']:.1f} min; time: {times}")
+
+
+def open_tracking(cfg: Config, folder: RunFolder, world: distributed.World, resumed: dict | None, train: ShardSet,
+                  extra: list[ShardSet], val: ShardSet | None) -> Tracker:
+    """The run's MLflow run (rank 0; a tracker that does nothing elsewhere): a resumed run continues its
+    own; a new one is tagged and gets its dataset inputs, params, config.yaml and DeepSpeed config."""
+    config_file = folder.save_config(cfg) if world.is_main else None
+    tags = {"dataset": "+".join(s.dataset for s in [train, *extra]), "config": cfg.name,
+            "zero_stage": cfg.train.zero_stage, "world_size": world.size}
+    tracker = Tracker(world.is_main, cfg.train.experiment, folder.path.name,
+                      run_id=resumed.get("mlflow_run_id") if resumed else None, tags=tags)
+    if not resumed:
+        tracker.log_run_inputs([(s, "train") for s in [train, *extra]] + ([(val, "val")] if val else []),
+                               flatten(to_dict(cfg)), config_file, deepspeed_config(cfg, world.size))
+    return tracker
+
+
+def evaluated_model(model: torch.nn.Module, ema, world: distributed.World) -> torch.nn.Module:
+    """What is evaluated and exported: the weight average when there is one, with rank 0's BatchNorm
+    statistics on every rank (each rank's own drift apart; the checkpoint keeps rank 0's)."""
+    model = ema.module if ema is not None else model
+    if world.size > 1:
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
+    return model
+
+
+def publish_run(cfg: Config, folder: RunFolder, tracker: Tracker, metrics: dict | None, checkpoint, weights,
+                reason: str, step: int, seconds: float, stages: int) -> None:
+    """Rank 0, at a finished run's end: the final metric, train.log and the stage-loss plot to MLflow,
+    summary.txt and its lines on stdout, then the MLflow model (last: the results are out already)."""
+    if metrics:
+        tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, step)
+    tracker.log_artifact(folder.log_file)
+    tracker.log_loss_curves(stages)
+    print(folder.write_summary(headline(metrics) if metrics else None, checkpoint, weights, reason, step,
+                               tracker.run_id, tracker.ui_command(), seconds), flush=True)
+    if weights and cfg.train.log_model:
+        model, _, meta = load_trained(weights)
+        tracker.log_model(model, cfg.data.input_size, meta["joints"], meta["flip_pairs"])
+
+
+def record_failure(trainer: Trainer, error: BaseException) -> str:
+    """The run raised: record it in MLflow as FAILED (KILLED for a second Ctrl-C) with the error's first
+    line as a tag, and say in one line what happened and what to do."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    trainer.tracker.set_tags({"error": f"{type(error).__name__}: {first_line(error)}"[:5000],
+                              "stop_reason": status.lower(), "stopped_at_step": trainer.step})
+    trainer.tracker.finish(status)
+    last = trainer.checkpointer.latest_tag()
+    return failure_message(error, trainer.step, trainer.checkpointer.dir / last if last else None)
 
 
 def first_line(error: BaseException) -> str:
@@ -521,10 +537,10 @@ def main(argv=None) -> int:
     try:
         code = trainer.train()
     except (FloatingPointError, BadSampleError, OSError, KeyboardInterrupt) as e:  # a line, not a traceback
-        print(f"python -m pipeline.train: error: {trainer.abort(e)}", file=sys.stderr, flush=True)
+        print(f"python -m pipeline.train: error: {record_failure(trainer, e)}", file=sys.stderr, flush=True)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     except BaseException as e:  # a bug: the traceback is worth having, and the run is FAILED, not FINISHED
-        trainer.abort(e)
+        record_failure(trainer, e)
         raise
     StopSignals.ignore()  # the work is saved: a late signal must not turn exit 75 into "killed"
     return code

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.datasets import DATASETS, Dataset
+from shards.format import IMAGE_MEMBERS, META_MEMBER, NPY_MEMBERS
 
 PARTIAL = ".partial"  # suffix of shards and indexes still being written
 
@@ -158,13 +159,15 @@ def make_sample(record, dataset, margin, non_jpeg="png", names=None):
         "dropped_joints": dropped,
         **record.extra,
     }
+    keypoints, person_box, sample_id = NPY_MEMBERS  # the member names: shards/format.py
     sample = {
         ext: data,
-        "kp.npy": npy_bytes(kp),
-        "box.npy": npy_bytes(np.array(box, dtype=np.float32)),
-        "idx.npy": npy_bytes(np.array([record.idx], dtype=np.int64)),
-        "json": json.dumps(meta, sort_keys=True).encode(),
+        keypoints: npy_bytes(kp),
+        person_box: npy_bytes(np.array(box, dtype=np.float32)),
+        sample_id: npy_bytes(np.array([record.idx], dtype=np.int64)),
+        META_MEMBER: json.dumps(meta, sort_keys=True).encode(),
     }
+    assert ext in IMAGE_MEMBERS, ext
     return sample, dropped
 
 

@@ -1,12 +1,16 @@
-"""Shared fixtures: real shards of the embedded LSPET sample (shards/sample/lspet), a tiny config."""
+"""Shared fixtures: real shards of the embedded LSPET sample (shards/sample/lspet), untrained weights, one
+two-rank run; and the tiny config the training tests run."""
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main as mshg
-
 from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, SAMPLE, SHARED_DATA  # noqa: F401  (imported from here too)
 
 
@@ -74,4 +78,18 @@ def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:
         cfg.setdefault(section, {}).update(values)
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    if not (tmp / "mlflow.db").exists():  # the test's store (tests/helpers.run_env), created once per session
+        shutil.copy(mlflow_store_template(), tmp / "mlflow.db")
     return path
+
+
+@functools.cache
+def mlflow_store_template() -> Path:
+    """An empty MLflow SQLite store, migrated once per session: each test's training starts from a copy
+    instead of running MLflow's schema migrations (seconds per store, ~30 stores) itself."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="mshg-mlflow-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
