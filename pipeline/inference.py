@@ -125,6 +125,9 @@ def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[
 BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
 # a first pass with fewer confident joints found no person to frame: its photo stays whole (1: always reframe)
 MIN_BOX_JOINTS = 1
+# the confident joints' box grown by this factor about its centre: a weak first pass misses the extremities
+# (validation bare photos, recipe r2: x1.0 14.1 %, x1.2 15.8, x1.4 16.5, x1.6 16.1, x1.9 15.3)
+BOX_GROW = 1.4
 
 
 def read_image(path: str) -> np.ndarray:
@@ -146,14 +149,15 @@ def crop(image: np.ndarray, box, input_size: int, padding: float) -> tuple[np.nd
 
 
 def box_from_keypoints(keypoints: np.ndarray) -> list[float] | None:
-    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3); None when
-    fewer than MIN_BOX_JOINTS are confident."""
+    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3), grown by
+    BOX_GROW about its centre; None when fewer than MIN_BOX_JOINTS are confident."""
     confident = keypoints[keypoints[:, 2] >= BOX_SCORE * max(keypoints[:, 2].max(), 1e-6)]
     if len(confident) < MIN_BOX_JOINTS:
         return None
     x0, y0 = confident[:, :2].min(0)
     x1, y1 = confident[:, :2].max(0)
-    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+    w, h = (x1 - x0) * BOX_GROW, (y1 - y0) * BOX_GROW
+    return [float((x0 + x1 - w) / 2), float((y0 + y1 - h) / 2), float(w), float(h)]
 
 
 def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None) -> np.ndarray:

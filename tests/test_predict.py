@@ -67,3 +67,12 @@ def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tm
     xy = crop_to_original(kp[..., :2], torch.from_numpy(m[None]))[0].numpy()
     np.testing.assert_allclose(results[True][:, :2], xy, atol=1e-3)
     assert not np.allclose(results[False][:, :2], results[True][:, :2])
+
+
+def test_second_pass_box_is_the_confident_joints_grown_about_their_centre():
+    from pipeline.inference import BOX_GROW, BOX_SCORE, box_from_keypoints
+
+    keypoints = np.array([[10, 20, 1.0], [30, 60, 0.5], [500, 500, BOX_SCORE / 2]], np.float32)  # the last: not confident
+    x, y, w, h = box_from_keypoints(keypoints)
+    assert (w, h) == pytest.approx((20 * BOX_GROW, 40 * BOX_GROW))
+    assert (x + w / 2, y + h / 2) == pytest.approx((20, 40))  # the joints' centre stays

@@ -64,17 +64,19 @@ def finished_run(lspet_shards, tmp_path_factory):
     return tmp
 
 
-def copy_of(finished: Path, tmp: Path, name: str = "base") -> tuple[Path, Path]:
-    """The finished run copied under `tmp` as run `name`: (its config, its run directory)."""
-    shutil.copytree(finished / "runs" / "base", tmp / "runs" / name)
+def copy_of(finished: Path, tmp: Path, name: str = "base", runs: Path | None = None) -> tuple[Path, Path]:
+    """The finished run copied as run `name` under `runs` (default `tmp`/runs), its MLflow store (where the
+    run is still named base) and config under `tmp`: (its config, its run directory)."""
+    runs = runs or tmp / "runs"
+    shutil.copytree(finished / "runs" / "base", runs / name)
     shutil.copy(finished / "mlflow.db", tmp / "mlflow.db")
     import yaml
 
     values = yaml.safe_load((finished / "tiny.yaml").read_text())
-    values["train"].update(out_dir=str(tmp / "runs"), run_name=name)
+    values["train"].update(out_dir=str(runs), run_name=name)
     cfg = tmp / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(values))
-    return cfg, tmp / "runs" / name
+    return cfg, runs / name
 
 
 # --- failures are recorded and explained -------------------------------------------------------------
@@ -205,12 +207,10 @@ def test_crafted_checkpoint_runs_no_code_on_resume_or_export(finished_run, tmp_p
     assert not marker.exists()
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one(lspet_shards, tmp_path):
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(finished_run, tmp_path):
     with tmpfs(tmp_path / "disk", "24m") as disk:
-        cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "full", "out_dir": str(disk / "runs")},
-                          stop={"max_steps": 2})
-        assert train(tmp_path, cfg).returncode == 0
-        ckpts = disk / "runs" / "full" / "checkpoints"
+        cfg, run_dir = copy_of(finished_run, tmp_path, "full", runs=disk / "runs")  # checkpoint step 2 on the disk
+        ckpts = run_dir / "checkpoints"
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - 100_000))  # leave less than one checkpoint
         proc = train(tmp_path, cfg, "stop.max_steps=4", "train.checkpoint_every=1")
@@ -219,7 +219,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(lspet_shards, tmp_
         assert "kept" in proc.stderr and "Traceback" not in proc.stderr
         assert not list(ckpts.glob(".partial-*"))
         assert (ckpts / "latest").read_text() == "step00000002"
-        assert mlflow_run(tmp_path, "full").info.status == "FAILED"
+        assert mlflow_run(tmp_path, "base").info.status == "FAILED"  # the copied run continued
 
 
 def test_refused_resume_changes_nothing_of_the_run(finished_run, tmp_path):
