@@ -42,6 +42,12 @@ def test_dark_decoding_recovers_sub_pixel_keypoints_the_quarter_offset_cannot():
     assert dark < 0.1 < quarter, (dark, quarter)
     edge = make_targets(one_joint(1.3, 50.0), 96, [4], sigma=2.0)[0][4]  # argmax in column 0
     assert decode_heatmaps(edge, 4, 11)[0, 0, 0] == decode_heatmaps(edge, 4)[0, 0, 0]
+    from pipeline.config import ConfigError, load_config
+
+    assert load_config(None, ["eval.dark_kernel=5"]).eval.dark_kernel == 5
+    for bad in (4, 1, -3):  # the blur needs an odd kernel of 3 or more; 0 is the quarter shift
+        with pytest.raises(ConfigError, match="eval.dark_kernel must be 0"):
+            load_config(None, [f"eval.dark_kernel={bad}"])
 
 
 def test_gaussian_peak_is_one_at_a_pixel_centre_and_sigma_scales_with_stride():
