@@ -3,6 +3,7 @@
 # same data, recipe and wall-time budget, two seeds each; then the table and the PCK-vs-minutes plot.
 #
 #   bench/cascade_vs_stacked.sh [MINUTES] [SEEDS...]     default: 30 minutes, seeds 1 2
+#   EVAL_EVERY=STEPS OVERRIDES="key=value ..." bench/cascade_vs_stacked.sh ...   (both models get OVERRIDES)
 #
 # Runs `mshg train --ranks 2` four times, one after the other (each run owns the 2 cores), with
 # configs/lspet_cpu.yaml (the cascade) and configs/lspet_cpu_stacked.yaml (the stack, widened to the
@@ -18,7 +19,9 @@ seeds=("${@:-1 2}")
 # shellcheck disable=SC2206
 seeds=(${seeds[*]})
 mshg=${MSHG:-.venv/bin/mshg}
-eval_every=${EVAL_EVERY:-600}  # steps; ~10 evaluations in 30 minutes at the recipe's speed
+eval_every=${EVAL_EVERY:-1000}  # steps; ~4 evaluations in 30 minutes at the recipe's speed
+# shellcheck disable=SC2206
+overrides=(${OVERRIDES:-})  # e.g. the settings of an earlier recipe, to reproduce an earlier study
 runs=()
 for seed in "${seeds[@]}"; do
     for model in cascade stacked; do
@@ -29,7 +32,8 @@ for seed in "${seeds[@]}"; do
         if [[ -f runs/$name/summary.txt ]]; then echo "== $name: done already"; continue; fi
         echo "== $name ($config, $minutes min, seed $seed)"
         "$mshg" train --ranks 2 --config "$config" "stop.max_minutes=$minutes" "data.seed=$seed" \
-            "train.eval_every=$eval_every" "train.run_name=$name" "train.checkpoint_every=$eval_every"
+            "train.eval_every=$eval_every" "train.run_name=$name" "train.checkpoint_every=$eval_every" \
+            "${overrides[@]}"
     done
 done
 .venv/bin/python bench/study_table.py "${runs[@]}"

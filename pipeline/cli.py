@@ -69,6 +69,14 @@ def writable(path: str | None, option: str) -> None:
         raise ValueError(f"{option} {path}: not writable (permission denied)")
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of a count that must be >= 1 (argparse then names the option in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
 def cmd_evaluate(args) -> int:
     from pipeline import evaluate
 
@@ -174,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", choices=("boxes", "bare"), default=None,
                    help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
                         "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
-    p.add_argument("--passes", type=int, default=2,
+    p.add_argument("--passes", type=at_least_one, default=2,
                    help="with --photos bare: the whole photo, then (passes - 1) times the box of the joints found")
     p.set_defaults(func=cmd_evaluate)
 
@@ -184,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; default: the whole image")
     p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
-    p.add_argument("--passes", type=int, default=2,
+    p.add_argument("--passes", type=at_least_one, default=2,
                    help="photos without a box: the whole photo, then the box of the joints found (default 2 passes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")

@@ -18,19 +18,31 @@ from dataclasses import dataclass
 import torch
 
 
+def torch_build() -> str:
+    return f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " built without CUDA")
+
+
+def pick_device(requested: str, option: str) -> str:
+    """auto | cuda | cpu -> "cuda" or "cpu", the one rule of training and inference: auto takes the GPU
+    when torch sees one; cuda without CUDA is an error naming `option` (train.device, --device)."""
+    from pipeline.config import ConfigError
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option}=cuda, but CUDA is not available ({torch_build()}"
+                          f"{', no GPU visible' if torch.version.cuda else ''}): install a CUDA build of torch, "
+                          f"check CUDA_VISIBLE_DEVICES, or set {option}=cpu")
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def choose_device(requested: str = "auto") -> tuple[str, str]:
     """`train.device` (auto | cuda | cpu) -> ("cuda" or "cpu", why), with DeepSpeed's accelerator set to
     match (DS_ACCELERATOR, read when deepspeed first picks one). cuda without CUDA is an error, not a
     silent CPU run; auto says what it found."""
     from pipeline.config import ConfigError
 
+    device = pick_device(requested, "train.device")
     has_cuda = torch.cuda.is_available()
-    build = f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " built without CUDA")
-    if requested == "cuda" and not has_cuda:
-        raise ConfigError(f"train.device=cuda, but CUDA is not available ({build}"
-                          f"{', no GPU visible' if torch.version.cuda else ''}): install a CUDA build of torch, "
-                          f"check CUDA_VISIBLE_DEVICES, or set train.device=cpu")
-    device = "cuda" if requested == "cuda" or (requested == "auto" and has_cuda) else "cpu"
+    build = torch_build()
     if device == "cuda" and os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
         raise ConfigError(f"train.device={requested} chose CUDA, but DS_ACCELERATOR={os.environ['DS_ACCELERATOR']}: "
                           f"unset it, or set train.device=cpu")

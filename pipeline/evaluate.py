@@ -384,8 +384,6 @@ def main(args) -> int:
     if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
         flip = shards.flip_permutation() if eval_cfg.flip else None
         passes = getattr(args, "passes", 2)
-        if passes < 1:
-            raise ValueError(f"--passes must be >= 1; got {passes}")
         results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size, passes)
         how = "mshg predict on the photographs, " + ("with each person box" if photos == "boxes" else
                                                      f"bare: no box, {passes} passes")

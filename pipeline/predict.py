@@ -46,8 +46,6 @@ def write_overlay(path: Path, image: np.ndarray, keypoints: list, skeleton=None)
 
 def main(args) -> int:
     model, cfg, meta = load_trained(args.checkpoint, inference_device(getattr(args, "device", "auto")))
-    if args.passes < 1:
-        raise ValueError(f"--passes must be >= 1; got {args.passes}")
     boxes = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
     flip_perm = None if getattr(args, "no_flip", False) else flip_permutation(len(meta["joints"]), meta["flip_pairs"])
     overlay_dir = Path(args.overlay) if getattr(args, "overlay", None) else None

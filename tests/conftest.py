@@ -1,5 +1,5 @@
-"""Shared fixtures: real shards of the embedded LSPET sample (shards/sample/lspet), untrained weights, one
-two-rank run; and the tiny config the training tests run."""
+"""Shared fixtures: real shards of the embedded LSPET sample (shards/sample/lspet) and of the MPII fixtures,
+untrained weights, one two-rank run; and the tiny config the training tests run."""
 from __future__ import annotations
 
 import atexit
@@ -44,21 +44,74 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def two_rank_run(lspet_shards, tmp_path_factory) -> tuple[Path, str]:
-    """One 2-rank ZeRO-2 run of 6 steps (micro-batch 8: 3 batches an epoch per rank) through
+def mpii_shards(tmp_path_factory) -> Path:
+    """The 5 MPII fixture photographs (16 joints), sharded."""
+    out = tmp_path_factory.mktemp("mpii") / "mpii"
+    fixtures = REPO / "tests" / "fixtures" / "mpii"
+    assert mshg(["shard", "mpii", "--images", str(fixtures), "--annotations", str(fixtures / "test_mpii.json"),
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def two_rank_config(tmp: Path, shards: dict[str, Path], mpii: Path, name: str) -> Path:
+    """The shared two-rank run's config: ZeRO-3 (configs/deepspeed/zero3.yaml), RMSprop with warm-up and
+    cosine, each micro-batch of 8 drawn 6 from LSPET and 2 from MPII (16 joints mapped onto LSP's 14:
+    upper_neck as neck); LSPET's 24 samples a rank make an epoch of 4 steps."""
+    return tiny_config(tmp, shards, stop={"max_steps": 6}, train={
+        "run_name": name, "micro_batch": 8, "deepspeed": str(REPO / "configs" / "deepspeed" / "zero3.yaml"),
+        "optimizer": "rmsprop", "lr": 2.5e-4, "lr_schedule": "cosine", "warmup_steps": 2},
+        data={"train_weight": 3.0, "extra_sets": [{"shards": str(mpii), "weight": 1.0, "joints": {"neck": "upper_neck"}}]})
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(lspet_shards, mpii_shards, tmp_path_factory) -> tuple[Path, str]:
+    """One 2-rank run of 6 steps (two_rank_config: ZeRO-3, a mix of two datasets) through
     launch/deepspeed.sh, as a user starts it on one node: (its folder, with runs/ddp and mlflow.db; its
-    output). tests/test_train.py reads it; tests/test_resume.py resumes a twin against it."""
+    output). tests/test_train.py reads it; tests/test_resume.py resumes a twin against it. One run for
+    all of these because each 2-rank launch costs ~30 s of start-up on 2 cores."""
     import subprocess
 
     from tests.helpers import free_port, run_env
 
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "ddp", "zero_stage": 2, "micro_batch": 8},
-                      stop={"max_steps": 6})
+    cfg = two_rank_config(tmp, lspet_shards, mpii_shards, "ddp")
     cmd = [str(REPO / "launch" / "deepspeed.sh"), "--num_gpus", "2", "--master_port", str(free_port()), str(cfg)]
     proc = subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (tests/mlflow_server.py) for the session: tests/test_track.py
+    reads the tracked run back from it, tests/test_ui.py compares that run with a second in the browser."""
+    from tests.mlflow_server import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tracked_run(mlflow_server, lspet_shards, tmp_path_factory):
+    """6 steps, an evaluation every 3 (steps 3 and 6), the MLflow model at the end, logged over HTTP:
+    (client, run, its folder, the finished process)."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.helpers import server_env, train_cmd
+
+    tmp = tmp_path_factory.mktemp("tracked")
+    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3, "log_model": True},
+                      stop={"max_steps": 6})
+    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(mlflow_server.uri), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
+                              filter_string="attributes.run_name = 'tracked-run'")
+    assert len(runs) == 1
+    return client, runs[0], tmp, proc
 
 
 def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:

@@ -12,7 +12,6 @@ import torch
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SHARED_DATA, tiny_config
-from tests.helpers import find_run, train
 
 FIXTURES = REPO / "tests" / "fixtures"
 
@@ -160,37 +159,20 @@ def test_mpii_fixture_and_coco_mini_shard_and_verify(tmp_path):
     assert mshg(["verify", str(tmp_path / "coco"), "--quiet"]) == 0
 
 
-def test_two_rank_training_on_a_weighted_mix_of_lspet_and_mpii(lspet_shards, tmp_path, capsys):
-    """LSPET (14 joints) with MPII (16) mapped onto LSP's joints: upper_neck as neck, pelvis and thorax
-    unused; 3 + 1 samples of every micro-batch of 4; 2 ranks; both sets are the run's dataset inputs."""
-    mpii = tmp_path / "mpii"
-    assert mshg(["shard", "mpii", "--images", str(FIXTURES / "mpii"), "--annotations",
-                 str(FIXTURES / "mpii" / "test_mpii.json"), "--out", str(mpii), "--quiet"]) == 0
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "mix", "micro_batch": 4}, stop={"max_steps": 3},
-                      data={"train_weight": 3.0,
-                            "extra_sets": [{"shards": str(mpii), "weight": 1.0, "joints": {"neck": "upper_neck"}}]})
-    proc = train(tmp_path, cfg, ranks=2)
-    assert "mixing 3 of lspet" in proc.stdout and "1 of mpii" in proc.stdout
-    client, run = find_run(tmp_path, "mix")
-    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "lspet+mpii"
-    names = sorted(d.dataset.name for d in run.inputs.dataset_inputs)
-    assert names == ["lspet-train", "lspet-val", "mpii-train"]
-    # a joint name that is in neither set is refused before any rank starts
-    bad = tiny_config(tmp_path, lspet_shards, data={"extra_sets": [{"shards": str(mpii), "joints": {"neck": "chin"}}]})
+def test_a_joint_name_in_neither_set_is_refused_before_any_rank_starts(lspet_shards, mpii_shards, tmp_path, capsys):
+    """(Training on the mix itself: the shared two-rank run, tests/test_train.py and tests/test_resume.py.)"""
+    bad = tiny_config(tmp_path, lspet_shards, data={"extra_sets": [{"shards": str(mpii_shards), "joints": {"neck": "chin"}}]})
     assert mshg(["train", "--ranks", "2", "--config", str(bad)]) == 2
     assert "['chin']" in capsys.readouterr().err
 
 
-def test_mixed_batches_map_joints_and_leave_the_rest_unlabelled(lspet_shards, tmp_path):
+def test_mixed_batches_map_joints_and_leave_the_rest_unlabelled(lspet_shards, mpii_shards):
     from pipeline.config import DataConfig
     from pipeline.data import MixedBatches, TrainBatches
     from pipeline.inputs import joint_map
     from shards.format import ShardSet
 
-    mpii = tmp_path / "mpii"
-    assert mshg(["shard", "mpii", "--images", str(FIXTURES / "mpii"), "--annotations",
-                 str(FIXTURES / "mpii" / "test_mpii.json"), "--out", str(mpii), "--quiet"]) == 0
-    lsp, mp = ShardSet.open(lspet_shards["train"]), ShardSet.open(mpii)
+    lsp, mp = ShardSet.open(lspet_shards["train"]), ShardSet.open(mpii_shards)
     cfg = DataConfig(train_shards=str(lspet_shards["train"]), input_size=64, num_threads=1, shuffle_buffer=4)
     m = joint_map(lsp.joints, mp.joints, {"neck": "upper_neck"}, "test")
     assert m[lsp.joints.index("neck")] == mp.joints.index("upper_neck") and -1 not in m

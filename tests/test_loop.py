@@ -29,26 +29,26 @@ def checkpoint_meta(tmp: Path, name: str) -> dict:
 
 # --- gradient accumulation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ranks,accum", [(1, 3), (2, 2)])
-def test_accumulation_counts_optimizer_steps(ranks, accum, lspet_shards, tmp_path):
-    """train.grad_accum=a, stop.max_steps=3: 3 optimizer steps of a micro-batches each, the trainer's
-    step equal to DeepSpeed's global_steps, the stop/log/checkpoint at step 3 (not after 2a-1
-    micro-batches as before), and 3 logged steps in MLflow. With 2 ranks the accumulation comes
-    from train.global_batch (micro 4 x 2 ranks x a), under ZeRO-1 (configs/deepspeed/zero1.yaml)."""
-    name = f"acc{ranks}{accum}"
-    batch = {"grad_accum": accum} if ranks == 1 else {
-        "global_batch": 4 * ranks * accum, "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")}
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": name, "micro_batch": 4, **batch},
-                      stop={"max_steps": 3})
-    proc = train(tmp_path, cfg, ranks=ranks)
-    assert f"batch {4 * ranks * accum} = 4 x {accum} accumulation x {ranks} rank(s)" in proc.stdout
-    meta = checkpoint_meta(tmp_path, name)
-    assert meta["step"] == meta["engine_steps"] == 3
-    assert meta["micro_batches"] == 3 * accum
-    client, run = find_run(tmp_path, name)
+def assert_three_accumulated_steps(tmp: Path, name: str, proc, ranks: int, accum: int, zero_stage: int) -> None:
+    """A run of stop.max_steps=3 with micro-batch 4 and `accum` micro-batches a step: 3 optimizer steps, the
+    trainer's step equal to DeepSpeed's global_steps, the stop/log/checkpoint at step 3, 3 logged steps."""
+    assert f"batch {4 * accum * ranks} = 4 x {accum} accumulation x {ranks} rank(s)" in proc.stdout
+    meta = checkpoint_meta(tmp, name)
+    assert meta["step"] == meta["engine_steps"] == 3 and meta["micro_batches"] == 3 * accum
+    client, run = find_run(tmp, name)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3]
-    assert run.data.tags["stopped_at_step"] == "3"
-    assert run.data.tags["zero_stage"] == ("1" if ranks == 2 else "2")
+    assert run.data.tags["stopped_at_step"] == "3" and run.data.tags["zero_stage"] == str(zero_stage)
+
+
+def test_two_rank_accumulation_counts_optimizer_steps(lspet_shards, tmp_path):
+    """2 ranks, the accumulation from train.global_batch (micro 4 x 2 ranks x 2), under ZeRO-1
+    (configs/deepspeed/zero1.yaml): 3 optimizer steps of 2 micro-batches each, the trainer's step equal
+    to DeepSpeed's global_steps, the stop/log/checkpoint at step 3 (not after 5 micro-batches), 3 logged
+    steps in MLflow. One rank: test_one_run_accumulates_averages_and_keeps_fp32_statistics."""
+    cfg = tiny_config(tmp_path, lspet_shards, stop={"max_steps": 3}, train={
+        "run_name": "acc", "micro_batch": 4, "global_batch": 16,
+        "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")})
+    assert_three_accumulated_steps(tmp_path, "acc", train(tmp_path, cfg, ranks=2), ranks=2, accum=2, zero_stage=1)
 
 
 ACCUMULATION_PROBE = """if True:
@@ -92,44 +92,45 @@ def test_accumulation_2x4_equals_micro_batch_8(lspet_shards, tmp_path):
 
 # --- precision, evaluation --------------------------------------------------------------------------
 
-def test_bf16_keeps_batchnorm_statistics_and_weights_fp32_and_final_metric_is_mshg_evaluate(
-        lspet_shards, tmp_path, capsys):
-    """train.precision=bf16 (the default) trains under autocast: the exported running statistics are
-    fp32 and carry more than bf16's 8-bit mantissa; the run's final PCK (flip test, fp32, the same
-    function) is the number `mshg evaluate` prints for its weights."""
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "bf16", "precision": "bf16"},
-                      stop={"max_steps": 4})
-    train(tmp_path, cfg)
-    weights = load_file(str(tmp_path / "runs" / "bf16" / "model.safetensors"))
+def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tmp_path, capsys):
+    """One process, bf16 autocast, EMA 0.9, 3 micro-batches accumulated per step, 3 steps, then resumed to 4:
+    - accumulation: 3 optimizer steps of 3 micro-batches, the trainer's step equal to DeepSpeed's
+      global_steps, the stop/log/checkpoint at step 3 (not after 2a-1 micro-batches), 3 logged steps;
+    - EMA: the averaged weights (not the last ones) are what is checkpointed and exported; resuming
+      continues the average from the checkpoint;
+    - bf16: the exported BatchNorm running statistics are fp32 and carry more than bf16's 8-bit mantissa;
+    - the run's final PCK (flip test, fp32, the same function) is the number `mshg evaluate` prints."""
+    cfg = tiny_config(tmp_path, lspet_shards, stop={"max_steps": 3}, train={
+        "run_name": "one", "micro_batch": 4, "grad_accum": 3, "ema_decay": 0.9, "precision": "bf16"})
+    assert_three_accumulated_steps(tmp_path, "one", train(tmp_path, cfg), ranks=1, accum=3, zero_stage=2)
+
+    run_dir = tmp_path / "runs" / "one"
+    tag = run_dir / "checkpoints" / "step00000003"
+    averaged = load_file(str(tag / "ema.safetensors"))
+    exported = load_file(str(run_dir / "model.safetensors"))
+    assert all(torch.equal(exported[k], averaged[k]) for k in exported) and averaged["n_averaged"].item() == 3
+    last = load_file(str(tag / "weights.safetensors"))  # the weights of step 3 themselves
+    conv = next(k for k in exported if k.endswith("conv2.weight"))
+    assert not torch.equal(last[conv], exported[conv])  # the average, not the last weights
+
+    proc = train(tmp_path, cfg, "stop.max_steps=4")
+    assert "resumed at step 3" in proc.stdout
+    averaged = load_file(str(run_dir / "checkpoints" / "step00000004" / "ema.safetensors"))
+    assert averaged["n_averaged"].item() == 4  # continued, not restarted
+
+    weights = load_file(str(run_dir / "model.safetensors"))
     stats = [v for k, v in weights.items() if k.endswith("running_var")]
     assert stats and all(v.dtype == torch.float32 for v in stats)
     values = torch.cat([v.flatten() for v in stats])
     assert (values != values.bfloat16().float()).float().mean() > 0.5  # not rounded to bf16
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
-
-    client, run = find_run(tmp_path, "bf16")
+    client, run = find_run(tmp_path, "one")
     final = run.data.metrics["final/pck"]
     out = tmp_path / "metrics.json"
     capsys.readouterr()
-    assert mshg(["evaluate", "--checkpoint", str(tmp_path / "runs" / "bf16"), "--shards", str(lspet_shards["val"]),
-                 "--out", str(out)]) == 0
+    assert mshg(["evaluate", "--checkpoint", str(run_dir), "--shards", str(lspet_shards["val"]), "--out", str(out)]) == 0
     assert "flip test on" in capsys.readouterr().out
     assert json.loads(out.read_text())["value"] == pytest.approx(final, abs=1e-9)
-
-
-def test_ema_weights_are_what_is_evaluated_checkpointed_and_exported(lspet_shards, tmp_path):
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "ema", "ema_decay": 0.9}, stop={"max_steps": 3})
-    train(tmp_path, cfg)
-    tag = tmp_path / "runs" / "ema" / "checkpoints" / "step00000003"
-    averaged = load_file(str(tag / "ema.safetensors"))
-    exported = load_file(str(tmp_path / "runs" / "ema" / "model.safetensors"))
-    assert all(torch.equal(exported[k], averaged[k]) for k in exported) and averaged["n_averaged"].item() == 3
-    last = load_file(str(tag / "weights.safetensors"))  # the weights of step 3 themselves
-    conv = next(k for k in exported if k.endswith("conv2.weight"))
-    assert not torch.equal(last[conv], exported[conv])  # the average, not the last weights
-    # resuming continues the average from the checkpoint
-    proc = train(tmp_path, cfg, "stop.max_steps=4")
-    assert "resumed at step 3" in proc.stdout
 
 
 # --- device and launcher ------------------------------------------------------------------------------

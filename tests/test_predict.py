@@ -70,9 +70,45 @@ def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tm
 
 
 def test_second_pass_box_is_the_confident_joints_grown_about_their_centre():
-    from pipeline.inference import BOX_GROW, BOX_SCORE, box_from_keypoints
+    from pipeline.inference import BOX_SCORE, box_from_keypoints
 
     keypoints = np.array([[10, 20, 1.0], [30, 60, 0.5], [500, 500, BOX_SCORE / 2]], np.float32)  # the last: not confident
-    x, y, w, h = box_from_keypoints(keypoints)
-    assert (w, h) == pytest.approx((20 * BOX_GROW, 40 * BOX_GROW))
+    x, y, w, h = box_from_keypoints(keypoints, 1.5)
+    assert (w, h) == pytest.approx((30, 60))
     assert (x + w / 2, y + h / 2) == pytest.approx((20, 40))  # the joints' centre stays
+
+
+def test_second_pass_keeps_the_crop_the_model_is_surest_of(weights, monkeypatch):
+    """Several growth factors: each bare photo gets the keypoints of the candidate crop with the highest
+    mean peak score, exactly as predict_batch gives them for that crop; a boxed photo keeps its box."""
+    from pipeline import inference
+    from pipeline.weights import load_trained
+
+    model, cfg, _ = load_trained(weights)
+    images = [inference.read_image(str(SAMPLE / "images" / f"im{i:05d}.jpg")) for i in (161, 162)]
+    given = [10, 10, 100, 150]
+    monkeypatch.setattr(inference, "BOX_GROWS", (1.1, 1.6, 2.4))
+    got = inference.predict_images(model, cfg, images, [None, given], None, passes=2)
+    first = inference.predict_batch(model, cfg, images[:1], [[0, 0, images[0].shape[1], images[0].shape[0]]], None)[0]
+    tries = [inference.predict_batch(model, cfg, images[:1], [inference.box_from_keypoints(first, g)], None)[0]
+             for g in inference.BOX_GROWS]
+    best = max(tries, key=lambda kp: kp[:, 2].mean())
+    np.testing.assert_allclose(got[0], best, atol=1e-5)
+    np.testing.assert_allclose(got[1], inference.predict_batch(model, cfg, images[1:], [given], None)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_passes_below_one_is_refused_by_name(command, weights, tmp_path, capsys):
+    args = {"predict": ["--out", str(tmp_path / "p.json"), str(SAMPLE / "images" / "im00161.jpg")],
+            "evaluate": ["--shards", str(tmp_path), "--photos", "bare"]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        mshg([command, "--checkpoint", str(weights), "--passes", "0", *args])
+    assert exit_.value.code == 2 and "argument --passes: must be >= 1; got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_by_name(weights, tmp_path, capsys):
+    """The same rule as train.device (pipeline.distributed.pick_device), worded for the command's option."""
+    assert mshg(["predict", "--checkpoint", str(weights), "--device", "cuda", "--out", str(tmp_path / "p.json"),
+                 str(SAMPLE / "images" / "im00161.jpg")]) == 2
+    assert "--device=cuda, but CUDA is not available" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, two_rank_config
 from tests import helpers
 from tests.helpers import find_run, run_env
 
@@ -163,17 +163,21 @@ def test_signal_and_resumes_around_an_epoch_end_match_the_uninterrupted_run(lspe
           f"while stopping); resumed 4 times: max weight difference {diff}")
 
 
-def test_two_rank_resume_at_an_epoch_end_is_exact(two_rank_run, lspet_shards, tmp_path):
-    """2 ranks, 3 batches an epoch per rank: 3 + 3 steps (the checkpoint at the end of epoch 0) against
-    the 6 uninterrupted steps of the shared two-rank run (same config but the name), loss for loss."""
+def test_two_rank_resume_at_an_epoch_end_is_exact(two_rank_run, lspet_shards, mpii_shards, tmp_path):
+    """2 ranks, ZeRO-3, RMSprop under a cosine schedule over the 6 steps, two datasets mixed
+    (conftest.two_rank_config): stopped at the end of LSPET's epoch 0 by stop.max_epochs=1 (a max_steps
+    stop would shorten the cosine), resumed to 6, against the 6 uninterrupted steps of the shared
+    two-rank run (same config but the name), loss for loss."""
     whole_dir, _ = two_rank_run
     client, run = find_run(whole_dir, "ddp")
     whole = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
                                                 key=lambda m: m.step)]
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "split", "micro_batch": 8}, stop={"max_steps": 6})
-    helpers.train(tmp_path, cfg, "stop.max_steps=3", ranks=2)
+    cfg = two_rank_config(tmp_path, lspet_shards, mpii_shards, "split")
+    first = helpers.train(tmp_path, cfg, "stop.max_epochs=1", ranks=2)
+    k = int(re.search(r"stopping at step (\d+): max_epochs", first.stdout).group(1))
+    assert 4 <= k < 6, first.stdout[-2000:]  # 24 LSPET samples a rank, 6 a micro-batch
     proc = helpers.train(tmp_path, cfg, ranks=2)
-    assert "resumed at step 3" in proc.stdout
+    assert f"resumed at step {k}" in proc.stdout
     client, run = find_run(tmp_path, "split")
     split = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
                                                 key=lambda m: m.step)]

@@ -5,8 +5,8 @@ Two kinds of tests, both on launch/slurm/train_cpu.sbatch unchanged:
   below) that keeps the trainer's contract (rank variables; on USR1/TERM write `latest`, exit 75;
   resume when `latest` exists): seconds each, and they pin down the script's own behaviour;
 - end-to-end tests with the real trainer (2 DeepSpeed ranks over gloo, DALI, real shards, MLflow
-  in SQLite): a job that completes, a job signalled mid-run that checkpoints, requeues itself and
-  resumes with one continuous MLflow history, and a rank SIGKILLed mid-run.
+  in SQLite): a job whose rank is SIGKILLed mid-run fails; a new job continues its run, is signalled,
+  checkpoints, requeues itself and resumes: one continuous MLflow history across the three starts.
 """
 from __future__ import annotations
 
@@ -227,39 +227,19 @@ def job_log(cwd: Path, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_real_job_signalled_checkpoints_requeues_and_resumes(slurm, real_job):
-    """A real 2-rank training job under sbatch/srun, signalled as SLURM does before a time limit: it
-    checkpoints, exits 75, the script requeues it, the job resumes and completes with one MLflow run."""
-    cwd, env = real_job
-    n = 12
-    t0 = time.monotonic()
-    job = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", f"stop.max_steps={n}", env=env, cwd=cwd)
-    wait_for(lambda: re.search(r"step +1 epoch 0", job_log(cwd, job)), 300, "training did not start")
-    slurm.signal_batch(job, "USR1")
-    slurm.wait(job, {"PENDING", "REQUEUED"}, timeout=120)
-    info = slurm.wait(job, "COMPLETED", timeout=300)
-    log = job_log(cwd, job)
-    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", log
-    assert "ranks finished with exit code 75" in log and f"requeueing job {job}" in log, log
-    k = int(re.search(r"stopping at step (\d+): signal", log).group(1))
-    assert 1 <= k < n, log
-    assert re.search(rf"checkpoint step{k:08d} written [\d.]+ s after SIGUSR1", log), log
-    assert f"resumed at step {k}" in log, log
-    assert f"run slurm-{job}: 2 rank(s) on cpu" in log and "new run" in log, log
-    run, steps = mlflow_history(cwd, f"slurm-{job}")
-    assert run.info.status == "FINISHED"
-    assert steps == list(range(1, n + 1)), steps  # one continuous history across the requeue
-    assert run.data.tags["world_size"] == "2" and run.data.tags["stop_reason"] == "max_steps"
-    assert (cwd / "runs" / f"slurm-{job}" / "model.safetensors").is_file()
-    print(f"real job: signal at step {k} -> requeue -> resumed -> COMPLETED {time.monotonic() - t0:.1f} s")
-
-
-def test_real_job_with_a_killed_rank_fails_and_a_new_job_resumes(slurm, real_job):
+def test_real_jobs_killed_rank_then_signal_and_requeue_continue_one_run(slurm, real_job):
+    """Real 2-rank training jobs under sbatch/srun, one MLflow run across three starts:
+    1. a rank SIGKILLed mid-run fails the job within a minute, and its last checkpoint is whole;
+    2. a new job continues that run (MSHG_RUN_NAME) from the checkpoint and, signalled as SLURM does
+       before a time limit, checkpoints, exits 75 and the script requeues it;
+    3. the requeued job resumes and completes: one continuous history, FINISHED."""
     cwd, env = real_job
     env = {**env, "MSHG_SRUN_WAIT": "10"}
+    t0 = time.monotonic()
     job = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", "stop.max_steps=500", "train.checkpoint_every=2",
                        env=env, cwd=cwd)
-    ckpts = cwd / "runs" / f"slurm-{job}" / "checkpoints"
+    name = f"slurm-{job}"
+    ckpts = cwd / "runs" / name / "checkpoints"
     wait_for(lambda: (ckpts / "latest").exists(), 300, "no checkpoint written")
 
     def rank1() -> list[int]:
@@ -277,12 +257,29 @@ def test_real_job_with_a_killed_rank_fails_and_a_new_job_resumes(slurm, real_job
     assert (ckpts / latest / "meta.json").is_file(), latest
     k = int(latest[4:])
 
-    again = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", f"stop.max_steps={k + 2}",
-                         env={**env, "MSHG_RUN_NAME": f"slurm-{job}"}, cwd=cwd)
-    slurm.wait(again, "COMPLETED", timeout=300)
-    log = job_log(cwd, again)
+    # the log shows every 10th step: signal once the first of them after the resume is out, 40 steps before
+    # the end (~5 s of tiny training here; the signal takes well under a second to reach the ranks)
+    shown = (k // 10 + 1) * 10
+    n = shown + 40
+    again = slurm.sbatch(CPU_SBATCH, "--", "tiny.yaml", f"stop.max_steps={n}", env={**env, "MSHG_RUN_NAME": name},
+                         cwd=cwd)
+    wait_for(lambda: re.search(rf"step +{shown} epoch", job_log(cwd, again)), 300, "the new job did not train")
+    slurm.signal_batch(again, "USR1")
+    slurm.wait(again, {"PENDING", "REQUEUED"}, timeout=120)
+    info = slurm.wait(again, "COMPLETED", timeout=300)
+    log = job_log(cwd, again)  # both starts of the job, appended
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", log
     assert f"resumed at step {k}" in log, log
-    assert (ckpts / "latest").read_text() == f"step{k + 2:08d}"
-    run, steps = mlflow_history(cwd, f"slurm-{job}")  # the same MLflow run continued
-    assert run.info.status == "FINISHED" and steps[-1] == k + 2
-    print(f"killed rank: job FAILED {failed_after:.1f} s after the kill; new job resumed at step {k}")
+    assert "ranks finished with exit code 75" in log and f"requeueing job {again}" in log, log
+    j = int(re.search(r"stopping at step (\d+): signal", log).group(1))
+    assert shown <= j < n, log
+    assert re.search(rf"checkpoint step{j:08d} written [\d.]+ s after SIGUSR1", log), log
+    assert f"resumed at step {j}" in log, log
+    run, steps = mlflow_history(cwd, name)  # the same MLflow run, continued twice
+    assert run.info.status == "FINISHED"
+    assert steps == list(range(1, n + 1)), steps  # one value per step across the three starts
+    assert run.data.tags["world_size"] == "2" and run.data.tags["stop_reason"] == "max_steps"
+    assert (ckpts / "latest").read_text() == f"step{n:08d}"
+    assert (cwd / "runs" / name / "model.safetensors").is_file()
+    print(f"killed rank: FAILED {failed_after:.1f} s after the kill; resumed at {k}, signalled at {j}, "
+          f"requeued, COMPLETED {time.monotonic() - t0:.1f} s")

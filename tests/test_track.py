@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -21,28 +20,6 @@ from tests.helpers import LSP_JOINTS, STAGES, free_port, server_env, train_cmd
 from tests.mlflow_server import MlflowServer
 
 WARNING = "UserWarning: MLflow "  # the tracker's one warning (MLflow's own logger may add lines)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def tracked_run(server, lspet_shards, tmp_path_factory):
-    """6 steps, an evaluation every 3 (steps 3 and 6), logged over HTTP."""
-    tmp = tmp_path_factory.mktemp("tracked")
-    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3, "log_model": True},
-                      stop={"max_steps": 6})
-    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(server.uri), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = MlflowClient(tracking_uri=server.uri)
-    runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
-                              filter_string="attributes.run_name = 'tracked-run'")
-    assert len(runs) == 1
-    return client, runs[0], tmp, proc
 
 
 def artifact_paths(client, run_id, path=None) -> list[str]:

@@ -12,23 +12,21 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_config
-from tests.mlflow_server import MlflowServer
 from tests.helpers import server_env, train_cmd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-RUNS = ("ui-a", "ui-b")
+RUNS = ("tracked-run", "ui-b")  # the first is conftest.tracked_run
 
 
 @pytest.fixture(scope="module")
-def two_runs(lspet_shards, tmp_path_factory):
+def two_runs(mlflow_server, tracked_run, lspet_shards, tmp_path_factory):
+    """The session's tracked run (6 steps, lr 1e-3) and a second one at lr 3e-3 (4 steps) on its server."""
     tmp = tmp_path_factory.mktemp("ui")
-    with MlflowServer(tmp / "server") as server:
-        for name, lr in zip(RUNS, (1e-3, 3e-3)):
-            cfg = tiny_config(tmp, lspet_shards, train={"run_name": name, "lr": lr}, stop={"max_steps": 4})
-            proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(server.uri), capture_output=True,
-                                  text=True, timeout=400)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        yield server, tmp
+    cfg = tiny_config(tmp, lspet_shards, train={"run_name": RUNS[1], "lr": 3e-3}, stop={"max_steps": 4})
+    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(mlflow_server.uri), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return mlflow_server, tmp
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/install_browser.sh installs it)")
