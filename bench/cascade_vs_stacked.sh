@@ -4,6 +4,7 @@
 #
 #   bench/cascade_vs_stacked.sh [MINUTES] [SEEDS...]     default: 30 minutes, seeds 1 2
 #   EVAL_EVERY=STEPS OVERRIDES="key=value ..." bench/cascade_vs_stacked.sh ...   (both models get OVERRIDES)
+#   TAG=r3 bench/cascade_vs_stacked.sh ...   runs named study-r3-cascade-20min-seed1 ..., beside earlier studies
 #
 # Runs `mshg train --ranks 2` four times, one after the other (each run owns the 2 cores), with
 # configs/lspet_cpu.yaml (the cascade) and configs/lspet_cpu_stacked.yaml (the stack, widened to the
@@ -21,13 +22,14 @@ seeds=(${seeds[*]})
 mshg=${MSHG:-.venv/bin/mshg}
 eval_every=${EVAL_EVERY:-1000}  # steps; ~4 evaluations in 30 minutes at the recipe's speed
 # shellcheck disable=SC2206
-overrides=(${OVERRIDES:-})  # e.g. the settings of an earlier recipe, to reproduce an earlier study
+overrides=(${OVERRIDES:-})
+tag=${TAG:+$TAG-}  # e.g. the settings of an earlier recipe, to reproduce an earlier study
 runs=()
 for seed in "${seeds[@]}"; do
     for model in cascade stacked; do
         config=configs/lspet_cpu.yaml
         [[ $model == stacked ]] && config=configs/lspet_cpu_stacked.yaml
-        name="study-${model}-${minutes}min-seed${seed}"
+        name="study-${tag}${model}-${minutes}min-seed${seed}"
         runs+=("$name")
         if [[ -f runs/$name/summary.txt ]]; then echo "== $name: done already"; continue; fi
         echo "== $name ($config, $minutes min, seed $seed)"
