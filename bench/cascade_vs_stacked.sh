@@ -22,8 +22,8 @@ seeds=(${seeds[*]})
 mshg=${MSHG:-.venv/bin/mshg}
 eval_every=${EVAL_EVERY:-1000}  # steps; ~4 evaluations in 30 minutes at the recipe's speed
 # shellcheck disable=SC2206
-overrides=(${OVERRIDES:-})
-tag=${TAG:+$TAG-}  # e.g. the settings of an earlier recipe, to reproduce an earlier study
+overrides=(${OVERRIDES:-})  # e.g. the settings of an earlier recipe, to reproduce an earlier study
+tag=${TAG:+$TAG-}
 runs=()
 for seed in "${seeds[@]}"; do
     for model in cascade stacked; do
