@@ -117,6 +117,9 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: what oneDNN (CPU) and cuDNN tensor cores run fastest
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and exported; 0: off
     device: str = "auto"  # auto (CUDA if torch has it, said loudly) | cuda (an error without CUDA) | cpu
+    # torch threads per rank on a CPU; 0: the machine's cores shared out among the ranks on this node.
+    # Set it where others share the machine (or several small runs share it: the tests run 1)
+    cpu_threads: int = 0
     log_every: int = 1
     eval_every: int = 0  # steps; 0: evaluate at the end only
     checkpoint_every: int = 0  # steps; 0: checkpoint at the end (and on a signal) only
@@ -218,6 +221,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
     if t.device not in DEVICES:
         raise ConfigError(f"train.device must be one of {', '.join(DEVICES)}; got {t.device!r}")
+    if t.cpu_threads < 0:
+        raise ConfigError(f"train.cpu_threads must be >= 0 (0: the cores / ranks on the node); got {t.cpu_threads}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay}")
     if t.ema_decay and t.zero_stage == 3:

@@ -145,8 +145,13 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def describe(self) -> str:
+        """"2 rank(s) on cpu (1 thread(s) each)" or "8 rank(s) on cuda:0": for the log."""
+        threads = f" ({torch.get_num_threads()} thread(s) each)" if self.device.type == "cpu" else ""
+        return f"{self.size} rank(s) on {self.device}{threads}"
 
-def init(device: str = "auto") -> World:
+
+def init(device: str = "auto", cpu_threads: int = 0) -> World:
     _, note = choose_device(device)
     fill_env_from_slurm()
     env = os.environ
@@ -179,7 +184,7 @@ def init(device: str = "auto") -> World:
     else:
         # ranks on one CPU machine share its cores: give each its part, or they fight over them
         local_size = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or env["WORLD_SIZE"])
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
+        torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // max(local_size, 1)))
     return World(int(env["RANK"]), local_rank, int(env["WORLD_SIZE"]), device, note)
 
 

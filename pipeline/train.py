@@ -239,7 +239,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         from pipeline.ema import WeightAverage
 
-        self.world = distributed.init(cfg.train.device)
+        self.world = distributed.init(cfg.train.device, cfg.train.cpu_threads)
         self.global_batch, self.micro_batch, self.accum = batch_plan(cfg.train, self.world.size)
         # what "auto" resolved to is what the run records (config.yaml, params) and DeepSpeed is given
         precision, precision_note = distributed.resolve_precision(cfg.train.precision, self.world.device)
@@ -275,7 +275,7 @@ class Trainer:
                                      self.tracker, self.log) if self.val_shards else None
         for line in (self.world.device_note, precision_note):
             self.log(line)
-        self.log(f"run {self.folder.path.name}: {self.world.size} rank(s) on {self.world.device}, "
+        self.log(f"run {self.folder.path.name}: {self.world.describe()}, "
                  f"{self.train_shards.num_samples} training samples, batch {self.global_batch} = "
                  f"{self.micro_batch} x {self.accum} accumulation x {self.world.size} rank(s), "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")

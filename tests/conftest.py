@@ -55,28 +55,39 @@ def mpii_shards(tmp_path_factory) -> Path:
 
 def two_rank_config(tmp: Path, shards: dict[str, Path], mpii: Path, name: str) -> Path:
     """The shared two-rank run's config: ZeRO-3 (configs/deepspeed/zero3.yaml), RMSprop with warm-up and
-    cosine, each micro-batch of 8 drawn 6 from LSPET and 2 from MPII (16 joints mapped onto LSP's 14:
-    upper_neck as neck); LSPET's 24 samples a rank make an epoch of 4 steps."""
+    cosine, a global batch of 16 = micro-batches of 4 x 2 accumulated x 2 ranks, each micro-batch drawn 3
+    from LSPET and 1 from MPII (16 joints mapped onto LSP's 14: upper_neck as neck); LSPET's 24 samples a
+    rank make an epoch of 8 micro-batches, 4 steps."""
     return tiny_config(tmp, shards, stop={"max_steps": 6}, train={
-        "run_name": name, "micro_batch": 8, "deepspeed": str(REPO / "configs" / "deepspeed" / "zero3.yaml"),
+        "run_name": name, "micro_batch": 4, "global_batch": 16,
+        "deepspeed": str(REPO / "configs" / "deepspeed" / "zero3.yaml"),
         "optimizer": "rmsprop", "lr": 2.5e-4, "lr_schedule": "cosine", "warmup_steps": 2},
         data={"train_weight": 3.0, "extra_sets": [{"shards": str(mpii), "weight": 1.0, "joints": {"neck": "upper_neck"}}]})
 
 
 @pytest.fixture(scope="session")
 def two_rank_run(lspet_shards, mpii_shards, tmp_path_factory) -> tuple[Path, str]:
-    """One 2-rank run of 6 steps (two_rank_config: ZeRO-3, a mix of two datasets) through
-    launch/deepspeed.sh, as a user starts it on one node: (its folder, with runs/ddp and mlflow.db; its
-    output). tests/test_train.py reads it; tests/test_resume.py resumes a twin against it. One run for
-    all of these because each 2-rank launch costs ~30 s of start-up on 2 cores."""
+    """One 2-rank run of 6 steps (two_rank_config: ZeRO-3, accumulation, a mix of two datasets) started as
+    on a cluster of two nodes: launch/deepspeed.sh --hostfile, the DeepSpeed launcher starting each node's
+    rank through pdsh over a real sshd (tests/ssh_nodes.py; both "hosts" are this machine), DS_ACCELERATOR
+    reaching the remote shells through .deepspeed_env as docs/cluster.md tells users. Returns (its folder,
+    with runs/ddp and mlflow.db; its output). tests/test_train.py reads it; tests/test_resume.py resumes a
+    twin started on one node against it. One run for all of these because each 2-rank launch costs ~30 s
+    of start-up on 2 cores."""
     import subprocess
 
     from tests.helpers import free_port, run_env
+    from tests.ssh_nodes import ssh_nodes
 
     tmp = tmp_path_factory.mktemp("ddp")
     cfg = two_rank_config(tmp, lspet_shards, mpii_shards, "ddp")
-    cmd = [str(REPO / "launch" / "deepspeed.sh"), "--num_gpus", "2", "--master_port", str(free_port()), str(cfg)]
-    proc = subprocess.run(cmd, cwd=tmp, env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    (tmp / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\n")
+    with ssh_nodes(tmp) as nodes:
+        hostfile = nodes.hostfile(tmp / "hostfile", slots=1)
+        cmd = [str(REPO / "launch" / "deepspeed.sh"), "--hostfile", str(hostfile), "--no_ssh_check",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(cfg)]
+        proc = subprocess.run(cmd, cwd=tmp, env={**run_env(tmp), **nodes.env}, capture_output=True, text=True,
+                              timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, proc.stdout + proc.stderr
 
@@ -92,26 +103,41 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tracked_run(mlflow_server, lspet_shards, tmp_path_factory):
-    """6 steps, an evaluation every 3 (steps 3 and 6), the MLflow model at the end, logged over HTTP:
-    (client, run, its folder, the finished process)."""
+def server_runs(mlflow_server, lspet_shards, tmp_path_factory) -> dict:
+    """Two tiny runs logged over HTTP to the session's server, trained side by side (one core each):
+    "tracked-run" (6 steps, an evaluation every 3, the MLflow model at the end; tests/test_track.py reads
+    it) and "ui-b" (lr 3e-3, 4 steps; tests/test_ui.py compares the two). Returns {name: (client, run,
+    its folder, the finished process)}."""
     import subprocess
 
     from mlflow.tracking import MlflowClient
 
     from tests.helpers import server_env, train_cmd
 
-    tmp = tmp_path_factory.mktemp("tracked")
-    cfg = tiny_config(tmp, lspet_shards, train={"run_name": "tracked-run", "eval_every": 3, "log_model": True},
-                      stop={"max_steps": 6})
-    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(mlflow_server.uri), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    settings = {"tracked-run": ({"eval_every": 3, "log_model": True}, 6), "ui-b": ({"lr": 3e-3}, 4)}
+    started = {}
+    for name, (train, steps) in settings.items():
+        tmp = tmp_path_factory.mktemp(name)
+        cfg = tiny_config(tmp, lspet_shards, train={"run_name": name, **train}, stop={"max_steps": steps})
+        started[name] = tmp, subprocess.Popen(train_cmd(cfg), cwd=tmp, env=server_env(mlflow_server.uri),
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(tracking_uri=mlflow_server.uri)
-    runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
-                              filter_string="attributes.run_name = 'tracked-run'")
-    assert len(runs) == 1
-    return client, runs[0], tmp, proc
+    runs = {}
+    for name, (tmp, proc) in started.items():
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+        found = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
+                                   filter_string=f"attributes.run_name = '{name}'")
+        assert len(found) == 1
+        runs[name] = client, found[0], tmp, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def tracked_run(server_runs):
+    """6 steps, an evaluation every 3 (steps 3 and 6), the MLflow model at the end, logged over HTTP:
+    (client, run, its folder, the finished process)."""
+    return server_runs["tracked-run"]
 
 
 def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:
@@ -123,8 +149,9 @@ def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:
         "model": {"channels": 16, "stages": [[2, 2], [4, 4], [8, 2]]},
         "data": {"train_shards": str(shards["train"]), "val_shards": str(shards["val"]), "input_size": 64,
                  "num_threads": 1, "shuffle_buffer": 16},
-        # no MLflow model at the end (10-20 s of CPU each); tests/test_track.py logs one
-        "train": {"micro_batch": 4, "out_dir": str(tmp / "runs"), "lr": 1e-3, "log_model": False},
+        # no MLflow model at the end (10-20 s of CPU each; tests/test_track.py logs one); one torch thread
+        # a rank, so that a test's training and a fixture's started beside it each have a core
+        "train": {"micro_batch": 4, "out_dir": str(tmp / "runs"), "lr": 1e-3, "log_model": False, "cpu_threads": 1},
         "stop": {"max_steps": 6},
     }
     for section, values in sections.items():

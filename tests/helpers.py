@@ -65,3 +65,24 @@ def find_run(tmp: Path | str, name: str):
                               filter_string=f"attributes.run_name = '{name}'")
     assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}: a resume must continue the same run"
     return client, runs[0]
+
+
+def checkpoint_meta(tmp: Path, name: str) -> dict:
+    """The meta.json of run `name`'s latest checkpoint under `tmp`/runs."""
+    import json
+
+    ckpts = tmp / "runs" / name / "checkpoints"
+    return json.loads((ckpts / (ckpts / "latest").read_text() / "meta.json").read_text())
+
+
+def assert_accumulated_steps(tmp: Path, name: str, output: str, *, ranks: int, micro: int, accum: int, steps: int,
+                             zero_stage: int) -> None:
+    """A run of stop.max_steps=`steps`, `accum` micro-batches of `micro` a step: `steps` optimizer steps, the
+    trainer's step equal to DeepSpeed's global_steps, the stop/log/checkpoint at the last step (not a
+    micro-batch early or late), one logged value per step."""
+    assert f"batch {micro * accum * ranks} = {micro} x {accum} accumulation x {ranks} rank(s)" in output
+    meta = checkpoint_meta(tmp, name)
+    assert meta["step"] == meta["engine_steps"] == steps and meta["micro_batches"] == steps * accum
+    client, run = find_run(tmp, name)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == list(range(1, steps + 1))
+    assert run.data.tags["stopped_at_step"] == str(steps) and run.data.tags["zero_stage"] == str(zero_stage)

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,37 +18,10 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SAMPLE, tiny_config
-from tests.helpers import find_run, run_env, train
+from tests.helpers import assert_accumulated_steps, find_run, run_env, train
 
 
-def checkpoint_meta(tmp: Path, name: str) -> dict:
-    ckpts = tmp / "runs" / name / "checkpoints"
-    return json.loads((ckpts / (ckpts / "latest").read_text() / "meta.json").read_text())
-
-
-# --- gradient accumulation -------------------------------------------------------------------------
-
-def assert_three_accumulated_steps(tmp: Path, name: str, proc, ranks: int, accum: int, zero_stage: int) -> None:
-    """A run of stop.max_steps=3 with micro-batch 4 and `accum` micro-batches a step: 3 optimizer steps, the
-    trainer's step equal to DeepSpeed's global_steps, the stop/log/checkpoint at step 3, 3 logged steps."""
-    assert f"batch {4 * accum * ranks} = 4 x {accum} accumulation x {ranks} rank(s)" in proc.stdout
-    meta = checkpoint_meta(tmp, name)
-    assert meta["step"] == meta["engine_steps"] == 3 and meta["micro_batches"] == 3 * accum
-    client, run = find_run(tmp, name)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3]
-    assert run.data.tags["stopped_at_step"] == "3" and run.data.tags["zero_stage"] == str(zero_stage)
-
-
-def test_two_rank_accumulation_counts_optimizer_steps(lspet_shards, tmp_path):
-    """2 ranks, the accumulation from train.global_batch (micro 4 x 2 ranks x 2), under ZeRO-1
-    (configs/deepspeed/zero1.yaml): 3 optimizer steps of 2 micro-batches each, the trainer's step equal
-    to DeepSpeed's global_steps, the stop/log/checkpoint at step 3 (not after 5 micro-batches), 3 logged
-    steps in MLflow. One rank: test_one_run_accumulates_averages_and_keeps_fp32_statistics."""
-    cfg = tiny_config(tmp_path, lspet_shards, stop={"max_steps": 3}, train={
-        "run_name": "acc", "micro_batch": 4, "global_batch": 16,
-        "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")})
-    assert_three_accumulated_steps(tmp_path, "acc", train(tmp_path, cfg, ranks=2), ranks=2, accum=2, zero_stage=1)
-
+# --- gradient accumulation (2 ranks: the shared run, tests/test_train.py) ------------------------------
 
 ACCUMULATION_PROBE = """if True:
     import json, sys, torch
@@ -93,7 +65,8 @@ def test_accumulation_2x4_equals_micro_batch_8(lspet_shards, tmp_path):
 # --- precision, evaluation --------------------------------------------------------------------------
 
 def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tmp_path, capsys):
-    """One process, bf16 autocast, EMA 0.9, 3 micro-batches accumulated per step, 3 steps, then resumed to 4:
+    """One process, ZeRO-1 (configs/deepspeed/zero1.yaml), bf16 autocast, EMA 0.9, 3 micro-batches
+    accumulated per step, 3 steps, then resumed to 4:
     - accumulation: 3 optimizer steps of 3 micro-batches, the trainer's step equal to DeepSpeed's
       global_steps, the stop/log/checkpoint at step 3 (not after 2a-1 micro-batches), 3 logged steps;
     - EMA: the averaged weights (not the last ones) are what is checkpointed and exported; resuming
@@ -101,8 +74,11 @@ def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tm
     - bf16: the exported BatchNorm running statistics are fp32 and carry more than bf16's 8-bit mantissa;
     - the run's final PCK (flip test, fp32, the same function) is the number `mshg evaluate` prints."""
     cfg = tiny_config(tmp_path, lspet_shards, stop={"max_steps": 3}, train={
-        "run_name": "one", "micro_batch": 4, "grad_accum": 3, "ema_decay": 0.9, "precision": "bf16"})
-    assert_three_accumulated_steps(tmp_path, "one", train(tmp_path, cfg), ranks=1, accum=3, zero_stage=2)
+        "run_name": "one", "micro_batch": 4, "grad_accum": 3, "ema_decay": 0.9, "precision": "bf16",
+        "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")})
+    proc = train(tmp_path, cfg)
+    assert "1 rank(s) on cpu (1 thread(s) each)" in proc.stdout  # train.cpu_threads=1 (conftest.tiny_config)
+    assert_accumulated_steps(tmp_path, "one", proc.stdout, ranks=1, micro=4, accum=3, steps=3, zero_stage=1)
 
     run_dir = tmp_path / "runs" / "one"
     tag = run_dir / "checkpoints" / "step00000003"
@@ -138,8 +114,9 @@ def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tm
 def test_cuda_without_cuda_is_a_clear_error_and_auto_says_what_it_chose(lspet_shards, tmp_path, capsys,
                                                                         monkeypatch):
     """Refused before any rank starts (`mshg train --ranks 2`) and by a rank itself; then `auto` trains on
-    the CPU, and that run stops by the convergence rule (a loss target every step meets, a window of
-    3: converged at step 3, not max_steps; the rule itself: tests/test_stop.py)."""
+    the CPU with train.cpu_threads=0's threads (the machine's cores, one rank), and that run stops by the
+    convergence rule (a loss target every step meets, a window of 3: converged at step 3, not max_steps;
+    the rule itself: tests/test_stop.py). The other tiny runs take 1 thread (conftest.tiny_config)."""
     cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "dev", "device": "cuda"})
     monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
@@ -148,9 +125,10 @@ def test_cuda_without_cuda_is_a_clear_error_and_auto_says_what_it_chose(lspet_sh
     assert time.monotonic() - t0 < 10 and not (tmp_path / "runs").exists()  # no rank started
     proc = train(tmp_path, cfg, check=False)
     assert proc.returncode == 2 and "train.device=cuda, but CUDA is not available" in proc.stderr
-    proc = train(tmp_path, cfg, "train.device=auto", "stop.max_steps=50", "stop.expected_loss=100",
-                 "stop.tolerance=1", "stop.window=3")
+    proc = train(tmp_path, cfg, "train.device=auto", "train.cpu_threads=0", "stop.max_steps=50",
+                 "stop.expected_loss=100", "stop.tolerance=1", "stop.window=3")
     assert "train.device=auto: cpu (" in proc.stdout and "no GPU: training on the CPU over gloo" in proc.stdout
+    assert f"1 rank(s) on cpu ({os.cpu_count()} thread(s) each)" in proc.stdout
     assert "stopping at step 3" in proc.stdout and ": converged" in proc.stdout
     _, run = find_run(tmp_path, "dev")
     assert run.data.tags["stop_reason"] == "converged" and run.data.tags["stopped_at_step"] == "3"

@@ -1,6 +1,5 @@
-"""PoseNet: shapes per scale, gradient paths, the scale-change fusion, bf16, ONNX. Small widths
-and inputs so the file runs in seconds on 2 cores."""
-import io
+"""PoseNet: shapes per scale, gradient paths, the scale-change fusion, bf16 (ONNX: tests/test_export.py).
+Small widths and inputs so the file runs in seconds on 2 cores."""
 
 import pytest
 import torch
@@ -124,26 +123,6 @@ def test_bf16_autocast_and_bf16_weights():
     assert [o.dtype for o in out] == [torch.bfloat16] * 8
     sum(o.float().square().mean() for o in out).backward()
     assert torch.isfinite(model.stem.conv[0].weight.grad.float()).all()
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter warns
-def test_onnx_export_matches_torch():
-    import onnx  # declared dependencies: a missing one must fail, not skip
-    import onnxruntime as ort
-    model = small_model(input_size=64, channels=8).eval()
-    x = torch.randn(1, 3, 64, 64)
-    buf = io.BytesIO()
-    # dynamo=False: the torch.export-based exporter needs onnxscript, which is not a dependency
-    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
-    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
-    session = ort.InferenceSession(buf.getvalue())
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        want = model(x)
-    assert len(got) == 8
-    for g, w in zip(got, want):
-        assert g.shape == tuple(w.shape)
-        assert abs(g - w.numpy()).max() < 1e-4
 
 
 def test_counts_and_describe():

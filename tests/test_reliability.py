@@ -271,7 +271,8 @@ def test_read_only_out_dir_unwritable_outputs_and_bad_weights_are_lines(lspet_sh
     # every data setting is refused by the config, by name, before DeepSpeed or MLflow start
     for bad, name in [("data.interp=bilinear", "data.interp"), ("data.flip_prob=2", "data.flip_prob"),
                       ("data.scale_range=[1.2,0.8]", "data.scale_range"), ("data.sigma=0", "data.sigma"),
-                      ("data.num_threads=0", "data.num_threads"), ("data.color_jitter=1.5", "data.color_jitter")]:
+                      ("data.num_threads=0", "data.num_threads"), ("data.color_jitter=1.5", "data.color_jitter"),
+                      ("train.cpu_threads=-1", "train.cpu_threads")]:
         with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
             load_config(REPO / "configs" / "msc_hg_cpu.yaml", [bad])
 

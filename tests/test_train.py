@@ -1,16 +1,15 @@
 """Real training runs: DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) from a mix of real LSPET and MPII shards,
 tracked in MLflow, then the run's partitioned checkpoint through `mshg export` and its weights through
-`mshg evaluate` and `mshg predict`; two nodes over pdsh (ZeRO-2); batch math, DeepSpeed configs."""
+`mshg evaluate` and `mshg predict`, launched as two nodes over pdsh; batch math, DeepSpeed configs."""
 import json
 import re
-import subprocess
 import time
 
 import pytest
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SAMPLE, tiny_config
-from tests.helpers import STAGES, find_run, free_port, run_env
+from tests.helpers import STAGES, assert_accumulated_steps, find_run
 
 def test_a_log_written_to_a_file_reads_cleanly(two_rank_run):
     """Output to a pipe (a SLURM file, `> log`): plain lines, no progress-bar frames, no third-party
@@ -22,10 +21,21 @@ def test_a_log_written_to_a_file_reads_cleanly(two_rank_run):
     assert steps and len(steps) == len(set(steps)), steps  # each logged step once, not once per rank
 
 
-def test_two_rank_zero3_run_on_a_mix_logs_every_stage_loss_and_both_datasets(two_rank_run):
+def test_two_node_zero3_run_on_a_mix_accumulates_and_logs_every_stage_loss_and_both_datasets(two_rank_run):
+    """The shared run (conftest.two_rank_run): launched over pdsh as two nodes of one rank each, every node
+    with its node rank and DS_ACCELERATOR from .deepspeed_env; ZeRO-3 from configs/deepspeed/zero3.yaml;
+    the accumulation derived from train.global_batch (16 = 4 x 2 x 2 ranks): 6 optimizer steps of 2
+    micro-batches, the trainer's step equal to DeepSpeed's global_steps, the stop/log/checkpoint at step 6;
+    every stage's loss logged each step, their sum the total; both datasets as MLflow inputs."""
+    from tests.ssh_nodes import HOSTS
+
     tmp, stdout = two_rank_run
-    assert "2 rank(s) on cpu" in stdout
-    assert "mixing 6 of lspet" in stdout and "2 of mpii" in stdout  # 3:1 of a micro-batch of 8
+    assert "cmd = pdsh " in stdout and "export DS_ACCELERATOR=cpu;" in stdout  # from .deepspeed_env
+    for node_rank, host in enumerate(HOSTS):
+        assert f"{host}: " in stdout and f"nnodes=2, num_local_procs=1, node_rank={node_rank}" in stdout
+    assert "2 rank(s) on cpu (1 thread(s) each)" in stdout
+    assert "mixing 3 of lspet" in stdout and "1 of mpii" in stdout  # 3:1 of a micro-batch of 4
+    assert_accumulated_steps(tmp, "ddp", stdout, ranks=2, micro=4, accum=2, steps=6, zero_stage=3)
     client, run = find_run(tmp, "ddp")
     assert run.info.status == "FINISHED"
     for key in STAGES + ["loss/total", "lr", "images_per_s"]:
@@ -35,39 +45,12 @@ def test_two_rank_zero3_run_on_a_mix_logs_every_stage_loss_and_both_datasets(two
     stage_sum = [sum(client.get_metric_history(run.info.run_id, k)[i].value for k in STAGES) for i in range(6)]
     assert [m.value for m in total] == pytest.approx(stage_sum, rel=1e-5)  # total = sum of the 8 stages
     # the stage comes from configs/deepspeed/zero3.yaml: config, params and tags agree
-    assert run.data.params["train.zero_stage"] == "3" and run.data.tags["zero_stage"] == "3"
-    assert run.data.tags["stop_reason"] == "max_steps" and run.data.tags["stopped_at_step"] == "6"
-    assert run.data.tags["world_size"] == "2"
+    assert run.data.params["train.zero_stage"] == "3"
+    assert run.data.tags["stop_reason"] == "max_steps" and run.data.tags["world_size"] == "2"
     assert run.data.tags["dataset"] == "lspet+mpii"
     assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["lspet-train", "lspet-val", "mpii-train"]
     assert 0.0 <= run.data.metrics["final/pck"] <= 1.0
     assert "PCK@0.2 = " in stdout and "mlflow ui --backend-store-uri" in stdout
-
-
-def test_two_nodes_from_a_hostfile_over_pdsh_and_ssh(lspet_shards, tmp_path):
-    """launch/deepspeed.sh --hostfile with two hosts: the DeepSpeed launcher starts one node's ranks
-    through pdsh over a real sshd (tests/ssh_nodes.py; both "hosts" are this machine), each node gets
-    its node rank, DS_ACCELERATOR reaches the remote shells through .deepspeed_env as docs/cluster.md
-    tells users, and the 2-rank run finishes with one MLflow run."""
-    from tests.ssh_nodes import HOSTS, ssh_nodes
-
-    cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "nodes", "zero_stage": 2}, stop={"max_steps": 2})
-    (tmp_path / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\n")
-    env = run_env(tmp_path)
-    with ssh_nodes(tmp_path) as nodes:
-        hostfile = nodes.hostfile(tmp_path / "hostfile", slots=1)
-        cmd = [str(REPO / "launch" / "deepspeed.sh"), "--hostfile", str(hostfile), "--no_ssh_check",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(cfg)]
-        proc = subprocess.run(cmd, cwd=tmp_path, env={**env, **nodes.env}, capture_output=True, text=True,
-                              timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "cmd = pdsh " in out and "export DS_ACCELERATOR=cpu;" in out  # from .deepspeed_env
-    for node_rank, host in enumerate(HOSTS):
-        assert f"{host}: " in out and f"nnodes=2, num_local_procs=1, node_rank={node_rank}" in out
-    client, run = find_run(tmp_path, "nodes")
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2]
 
 
 def test_run_directory_feeds_export_evaluate_and_predict(two_rank_run, lspet_shards, tmp_path, capsys):

@@ -6,34 +6,20 @@ screenshot's path is printed."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_config
-from tests.helpers import server_env, train_cmd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-RUNS = ("tracked-run", "ui-b")  # the first is conftest.tracked_run
-
-
-@pytest.fixture(scope="module")
-def two_runs(mlflow_server, tracked_run, lspet_shards, tmp_path_factory):
-    """The session's tracked run (6 steps, lr 1e-3) and a second one at lr 3e-3 (4 steps) on its server."""
-    tmp = tmp_path_factory.mktemp("ui")
-    cfg = tiny_config(tmp, lspet_shards, train={"run_name": RUNS[1], "lr": 3e-3}, stop={"max_steps": 4})
-    proc = subprocess.run(train_cmd(cfg), cwd=tmp, env=server_env(mlflow_server.uri), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return mlflow_server, tmp
+RUNS = ("tracked-run", "ui-b")  # conftest.server_runs, on the session's server
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/install_browser.sh installs it)")
-def test_browser_compares_two_runs_with_stage_losses_and_datasets(two_runs):
+def test_browser_compares_two_runs_with_stage_losses_and_datasets(mlflow_server, server_runs, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    server, tmp = two_runs
+    server, tmp = mlflow_server, tmp_path
     client = MlflowClient(tracking_uri=server.uri)
     experiment = client.get_experiment_by_name("mshg")
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
