@@ -10,6 +10,7 @@ DALI   ?= cuda12
 SHARDS := runs/shards
 CONFIG ?= configs/msc_hg_cpu.yaml
 RANKS  ?= 2
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo shards train test gpu-smoke clean
 
@@ -37,8 +38,10 @@ train: setup
 
 demo: shards train
 
+# 2 pytest-xdist workers: one test's processes leave a core idle most of the time (1 torch thread a rank,
+# start-up, waits). TEST_WORKERS=0 runs the suite in one process.
 test: setup
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The first ten minutes on a GPU node: PASS/FAIL per stage of the GPU path (exits 0 without a GPU).
 gpu-smoke: setup

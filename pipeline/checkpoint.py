@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError
+from pipeline.distributed import broadcast_object
 
 LATEST = "latest"
 PARTIAL = ".partial-"
@@ -214,8 +215,6 @@ class Checkpointer:
         """The tag to resume from (rank 0's view of `latest`, on every rank), or None for a new run.
         mode: auto (resume if there is a checkpoint), never (error if there is one), require (error
         if there is none)."""
-        from pipeline.distributed import broadcast_object
-
         found: tuple[str | None, str | None] = (None, None)
         if self.world.is_main:
             try:
@@ -235,8 +234,6 @@ class Checkpointer:
     def load(self, engine, tag: str) -> dict:
         """Loads checkpoint `tag` into the engine, after checking its signature (rank 0 checks, every rank
         learns the verdict); returns the trainer's client_state."""
-        from pipeline.distributed import broadcast_object
-
         verdict = None
         if self.world.is_main:
             try:
@@ -271,7 +268,7 @@ class Checkpointer:
 def full_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
     """The model's whole fp32 state dict, on every rank (ZeRO-3 partitions the weights: gathered first)."""
     if zero_stage == 3:
-        import deepspeed
+        import deepspeed  # here, not at the top: after distributed.init set DS_ACCELERATOR
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -8,6 +8,9 @@
     mshg export --checkpoint CKPT [--safetensors OUT] [--onnx OUT]
     mshg runs [--experiment mshg] [-n 20]
     mshg model-info CONFIG...
+
+Each command imports its module when it runs (the imports inside the cmd_* functions), so that `mshg shard`
+or `--help` does not load torch, DeepSpeed or DALI.
 """
 from __future__ import annotations
 
@@ -16,12 +19,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+from pipeline.show import add_command as add_show_batch  # mshg show-batch (pipeline/show.py)
+from shards.cli import add_commands as add_shard_commands
 
 
 def cmd_train(args) -> int:
     if args.ranks > 1:  # DeepSpeed's launcher starts the ranks; we repeat the run's summary at the end
-        from pathlib import Path
-
         from pipeline.config import batch_plan, load_config
         from pipeline.distributed import choose_device, launcher_devices
         from pipeline.run_folder import SUMMARY_FILE, default_run_name
@@ -57,8 +62,6 @@ def writable(path: str | None, option: str) -> None:
     """Fail before the work, not after it, when an output file cannot be written."""
     if not path:
         return
-    from pathlib import Path
-
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
@@ -96,12 +99,9 @@ def cmd_export(args) -> int:
         raise ValueError("nothing to do: give --safetensors OUT and/or --onnx OUT")
     weights = args.checkpoint
     if args.safetensors:
-        from pipeline import weights as weights_module
+        from pipeline.weights import export_zero_checkpoint
 
-        export_zero = getattr(weights_module, "export_zero_checkpoint", None)
-        if export_zero is None:
-            raise ValueError("--safetensors: this version cannot convert DeepSpeed checkpoints yet")
-        weights = export_zero(args.checkpoint, args.safetensors)
+        weights = export_zero_checkpoint(args.checkpoint, args.safetensors)
         print(f"wrote {weights}")
         weights = weights or args.safetensors
     if args.onnx:
@@ -153,8 +153,6 @@ def cmd_model_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shards.cli import add_commands as add_shard_commands
-
     parser = argparse.ArgumentParser(prog="mshg", description="Multi-scale cascaded hourglass pose pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     add_shard_commands(sub)
@@ -227,8 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--joints", type=int, default=14, help="number of joints to size the heads for")
     p.set_defaults(func=cmd_model_info)
 
-    from pipeline.show import add_command as add_show_batch  # mshg show-batch (pipeline/show.py)
-
     add_show_batch(sub)
     return parser
 
@@ -241,9 +237,12 @@ def main(argv=None) -> int:
         print(f"mshg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a shard or image that cannot be read (pipeline.data.BadSampleError and DALI's)
-        from pipeline.data import dali_summary
+        message = str(e)
+        if "Error in" in message:  # DALI's own multi-line error: only then is DALI there to import
+            from pipeline.data import dali_summary
 
-        print(f"mshg {args.command}: error: {dali_summary(str(e)) if 'Error in' in str(e) else e}", file=sys.stderr)
+            message = dali_summary(message)
+        print(f"mshg {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

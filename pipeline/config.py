@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -318,8 +319,6 @@ def mix_sizes(micro_batch: int, weights: list[float]) -> list[int]:
 
 def read_deepspeed_file(path: str | Path) -> dict:
     """A DeepSpeed config fragment (YAML or JSON, e.g. configs/deepspeed/zero3.yaml), checked."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"train.deepspeed: file not found: {p}")

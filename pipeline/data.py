@@ -14,8 +14,14 @@ done in torch (`pipeline.targets.swap_flipped`).
 """
 from __future__ import annotations
 
+import dataclasses
+import io
+import re
+import time
+
 import numpy as np
 import torch
+from PIL import Image
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -146,10 +152,6 @@ def reader_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: in
 
 def undecodable(data: bytes) -> str | None:
     """Why PIL cannot decode these image bytes, or None when it can."""
-    import io
-
-    from PIL import Image
-
     try:
         Image.open(io.BytesIO(data)).load()
     except Exception as e:  # noqa: BLE001 - any failure is the answer
@@ -159,8 +161,6 @@ def undecodable(data: bytes) -> str | None:
 
 def dali_summary(message: str) -> str:
     """DALI's multi-line error -> "operator `name`: cause" (the pipeline-definition traceback dropped)."""
-    import re
-
     op = re.search(r"Error in \w+ operator `([^`]+)`", message)
     cause = message.split("encountered:", 1)[-1].split("Current pipeline object", 1)[0]
     cause = " ".join(line.strip() for line in cause.splitlines() if line.strip() and "C++ context" not in line)
@@ -343,9 +343,6 @@ class TrainBatches:
         return batch
 
     def build(self) -> PoseLoader:
-        import dataclasses
-        import time
-
         data = dataclasses.replace(self.cfg, seed=epoch_seed(self.cfg.seed, self.epoch))
         loader = build_loader(self.shards, data, self.batch_size, train=True,
                               rank=(self.rank + self.epoch) % self.world_size, world_size=self.world_size,

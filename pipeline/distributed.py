@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import ConfigError
+
 
 def torch_build() -> str:
     return f"torch {torch.__version__}" + (f" with CUDA {torch.version.cuda}" if torch.version.cuda else " built without CUDA")
@@ -25,8 +27,6 @@ def torch_build() -> str:
 def pick_device(requested: str, option: str) -> str:
     """auto | cuda | cpu -> "cuda" or "cpu", the one rule of training and inference: auto takes the GPU
     when torch sees one; cuda without CUDA is an error naming `option` (train.device, --device)."""
-    from pipeline.config import ConfigError
-
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option}=cuda, but CUDA is not available ({torch_build()}"
                           f"{', no GPU visible' if torch.version.cuda else ''}): install a CUDA build of torch, "
@@ -38,8 +38,6 @@ def choose_device(requested: str = "auto") -> tuple[str, str]:
     """`train.device` (auto | cuda | cpu) -> ("cuda" or "cpu", why), with DeepSpeed's accelerator set to
     match (DS_ACCELERATOR, read when deepspeed first picks one). cuda without CUDA is an error, not a
     silent CPU run; auto says what it found."""
-    from pipeline.config import ConfigError
-
     device = pick_device(requested, "train.device")
     has_cuda = torch.cuda.is_available()
     build = torch_build()
@@ -63,8 +61,6 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """`train.precision` (auto | bf16 | fp16 | fp32) -> what this device trains in, and why. Measured on a
     2-core AVX2 CPU (no bf16 instructions): bf16 autocast trains the CPU recipe at 2.8 img/s, fp32 at 27."""
-    from pipeline.config import ConfigError
-
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs GPUs (DeepSpeed has no fp16 on CPUs): use bf16 or auto")
     if requested != "auto":
@@ -107,8 +103,6 @@ def gpu_index(local_rank: int, visible: int) -> int:
     """The CUDA device of a rank among the `visible` ones. Sites bind GPUs to SLURM tasks in one of two
     ways: one GPU per task (each task sees one device: index 0) or the node's GPUs to every task
     (each takes its LOCAL_RANK-th)."""
-    from pipeline.config import ConfigError
-
     if visible == 1:
         return 0
     if 0 <= local_rank < visible:
@@ -122,8 +116,6 @@ def launcher_devices(ranks: int, environ=os.environ) -> list[str]:
     """The DeepSpeed launcher's arguments for `ranks` ranks on this node. Its `--num_gpus N` drops
     CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1, which on a shared node belong to someone else: where
     CUDA_VISIBLE_DEVICES names the GPUs this job may use, `--include localhost:<the first N of them>`."""
-    from pipeline.config import ConfigError
-
     visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if environ.get("DS_ACCELERATOR") == "cpu" or not visible:
         return ["--num_gpus", str(ranks)]

@@ -13,18 +13,32 @@ unless `--no-flip`) over a shard set and prints the metric of the dataset named 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from pipeline.config import EvalConfig, validate
+from pipeline.distributed import gather_objects
+from pipeline.inference import crop_to_original, inference_device, predict_crops, predict_images
+from pipeline.plots import prediction_grid
+from pipeline.weights import load_trained
 from shards.datasets import LSP_JOINTS, MPII_JOINTS
-from pipeline.inference import crop_to_original, predict_crops, predict_images
+from shards.format import ShardSet, read_photos
+
+# pipeline.data (the DALI graph) is imported only where a loader is built, so that the metrics and decoding
+# here import without DALI (tests/test_structure.py).
 
 # LSP/LSPET joint order: 2 = right hip, 9 = left shoulder
 TORSO_JOINTS = ("left_shoulder", "right_hip")  # PCK's torso size: from one to the other, by joint name
@@ -82,12 +96,6 @@ def coco_keypoint_eval(pred: np.ndarray, gt: np.ndarray, metas: list[dict], join
     pixels and a peak score; gt (N, J, 3) original pixels with v; metas: each sample's shard
     metadata (image_id, bbox, area). The ground truth is the shard set's persons; each prediction
     is scored by the mean of its peak values (the boxes are the ground-truth ones)."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     if oks_sigmas is None and len(joints) != 17:
         raise ValueError(f"COCO OKS needs per-joint sigmas for {len(joints)} joints (the manifest's oks_sigmas)")
     images, annotations, detections = {}, [], []
@@ -170,8 +178,6 @@ def evaluate_shards(model: torch.nn.Module, shards, cfg, batch_size: int, world,
     gets everyone's results (the crops of the `keep_images` smallest ids kept for the prediction grid),
     the other ranks None."""
     from pipeline.data import build_loader
-    from pipeline.distributed import gather_objects
-
     loader = build_loader(shards, cfg.data, batch_size, train=False, rank=world.rank, world_size=world.size,
                           device_id=device_id)
     results = evaluate_loader(model, loader, world.device, cfg.eval, shards.flip_permutation(),
@@ -192,8 +198,6 @@ class Validation:
 
     def run(self, model: torch.nn.Module, step: int, minutes: float) -> dict | None:
         """The metrics on rank 0, None on the other ranks."""
-        from pipeline.plots import prediction_grid
-
         merged = evaluate_shards(model, self.shards, self.cfg, self.batch_size, self.world, self.device_id)
         if merged is None:
             return None
@@ -221,9 +225,6 @@ _METADATA_CACHE: dict[tuple, dict[int, dict]] = {}
 def read_metadata(shards) -> dict[int, dict]:
     """Each sample's JSON metadata of a shard set, by sample id (what DALI does not carry: head
     box, COCO image id, area, ...), read straight from the tars (once per process and shard set)."""
-    import os
-    import tarfile
-
     key = tuple((t, os.path.getmtime(t)) for t in shards.tars)
     if key in _METADATA_CACHE:
         return _METADATA_CACHE[key]
@@ -313,8 +314,6 @@ def format_pck(metrics: dict, joints: list[str]) -> str:
 
 def photo_samples(shards):
     """(sample id, image bytes, keypoints (J, 3) in original pixels, person box) of every sample of a shard set."""
-    from shards.format import read_photos
-
     for tar in shards.tars:
         yield from read_photos(tar)
 
@@ -324,8 +323,6 @@ def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None
     """`mshg predict` on the shard set's photographs, scored against their annotation: with each person's box
     (the validation box rule, `--boxes`), or bare (no box: the whole photo, then the box of the joints
     found). Results in original pixels (an identity matrix), for `summarise`."""
-    import cv2
-
     results: dict[int, SampleResult] = {}
     chunk: list = []
 
@@ -356,10 +353,6 @@ def describe_eval(cfg: EvalConfig, modules: int) -> str:
 def main(args) -> int:
     """`mshg evaluate`: one process, the validation crop over every sample of a shard set."""
     from pipeline.data import build_loader
-    from shards.format import ShardSet
-    from pipeline.inference import inference_device
-    from pipeline.weights import load_trained
-
     device = inference_device(getattr(args, "device", "auto"))
     model, cfg, meta = load_trained(args.checkpoint, device)
     shards = ShardSet.open(args.shards)
@@ -395,10 +388,6 @@ def main(args) -> int:
                                   keep_images=16 if sheet else 0)
         how = "the validation crops"
         if sheet:
-            import cv2
-
-            from pipeline.plots import prediction_grid
-
             grid = prediction_grid(results, tile=224, skeleton=shards.skeleton)
             if not cv2.imwrite(str(sheet), grid[..., ::-1]):
                 raise SystemExit(f"--sheet {sheet}: could not write the image")

@@ -13,9 +13,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import onnx
 from torch import nn
 
 from pipeline.inputs import IMAGE_MEAN, IMAGE_STD
+from pipeline.weights import load_trained
 
 OPSET = 17
 
@@ -41,8 +43,6 @@ def onnx_metadata(joints: list[str], flip_pairs: list[list[int]], input_size: in
 def export_model_onnx(model: nn.Module, input_size: int, out_path: str | Path, metadata: dict[str, str] | None = None
                       ) -> Path:
     """An in-memory PoseNet (eval mode, CPU) -> ONNX file, checked by onnx.checker."""
-    import onnx
-
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = HeatmapModel(model).eval()
@@ -65,8 +65,6 @@ def export_model_onnx(model: nn.Module, input_size: int, out_path: str | Path, m
 
 def export_onnx(weights_path: str | Path, out_path: str | Path) -> Path:
     """A run directory or model.safetensors -> ONNX file of its last-module heatmaps."""
-    from pipeline.weights import load_trained
-
     model, cfg, meta = load_trained(weights_path)
     return export_model_onnx(model, cfg.data.input_size, out_path,
                              onnx_metadata(meta["joints"], meta["flip_pairs"], cfg.data.input_size,

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config, ModelConfig, load_config
 
@@ -203,8 +204,6 @@ def count_flops(model: nn.Module, input_size: int) -> int:
     """Forward FLOPs for one image, as torch.utils.flop_counter.FlopCounterMode counts them:
     a multiply-add is 2 FLOPs, and only conv/matmul-like ops are counted (BN, ReLU, pooling,
     adds and upsampling are not; they are a few percent)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     param = next(model.parameters())
     x = torch.zeros(1, 3, input_size, input_size, dtype=param.dtype, device=param.device)
     was_training = model.training

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.inference import inference_device, predict_images, read_image
+from pipeline.plots import draw_skeleton
 from pipeline.weights import load_trained
 from shards.format import flip_permutation
 
@@ -36,8 +37,6 @@ def overlay_path(directory: Path, image_path: str, taken: set[str]) -> Path:
 
 
 def write_overlay(path: Path, image: np.ndarray, keypoints: list, skeleton=None) -> None:
-    from pipeline.plots import draw_skeleton
-
     side = max(image.shape[:2])
     drawn = draw_skeleton(image, np.asarray(keypoints)[:, :2], thickness=max(2, round(side / 250)), skeleton=skeleton)
     if not cv2.imwrite(str(path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):

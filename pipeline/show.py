@@ -85,6 +85,7 @@ def legend(width: int) -> np.ndarray:
 
 def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool = True, batch: int = 8,
                stride: int = 4, columns: int = 4, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    # imported when the command runs: `mshg` builds this command's parser for every command (pipeline/cli.py)
     import torch
 
     from pipeline.config import load_config

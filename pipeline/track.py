@@ -15,6 +15,8 @@ See docs/tracking.md.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import shutil
@@ -22,7 +24,19 @@ import subprocess
 import tempfile
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.tracking import MlflowClient, fluent
+from PIL import Image
+
+from pipeline.export import HeatmapModel, export_model_onnx, onnx_metadata
+from pipeline.plots import loss_curves
 
 REPO = Path(__file__).resolve().parents[1]
 # MLflow's HTTP defaults (7 retries with a backoff factor of 2, 120 s timeout) can stall a step
@@ -59,9 +73,6 @@ class Tracker:
         self._logged_until: dict[str, int] = {}  # metric -> last step already in the store (resumed runs)
         if not enabled:
             return
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         self._mlflow = mlflow
         if mlflow.get_tracking_uri().startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
@@ -83,7 +94,11 @@ class Tracker:
                 self._run_tags(tags)
                 self._logged_until = self._last_logged_steps(run)
             else:
-                run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
+                # the experiment by id: when another run created it a moment before, set_experiment
+                # returns it without making it the active one (MLflow 3.17), and a run started without
+                # the id would land in the Default experiment
+                run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name or None, tags=tags,
+                                       log_system_metrics=system_metrics)
         except Exception as e:  # no store at the start: train anyway, untracked
             self._failed = True
             warnings.warn(f"MLflow start_run failed ({type(e).__name__}: {e}); training continues without tracking")
@@ -156,8 +171,6 @@ class Tracker:
     def log_image(self, image, artifact_file: str) -> None:
         """An RGB uint8 array as a PNG artifact, e.g. `predictions/step_000100.png`."""
         if self.enabled and image is not None:
-            from PIL import Image
-
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / Path(artifact_file).name
                 Image.fromarray(image).save(path, format="PNG")
@@ -178,8 +191,6 @@ class Tracker:
                 history = sorted(history, key=lambda m: m.step)
                 histories[name] = ([m.step for m in history], [m.value for m in history])
         if histories:
-            from pipeline.plots import loss_curves
-
             with tempfile.TemporaryDirectory() as tmp:
                 path = loss_curves(histories, Path(tmp) / Path(artifact_file).name,
                                    title="loss of each hourglass module (stage)")
@@ -192,11 +203,6 @@ class Tracker:
         the artifact `onnx/model.onnx`. A model that cannot be exported is a warning, not a failed run."""
         if not self.enabled or self._failed:
             return
-        import numpy as np
-        import torch
-
-        from pipeline.export import HeatmapModel, export_model_onnx, onnx_metadata
-
         model = model.float().cpu().eval()
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -244,12 +250,6 @@ class Tracker:
 def shard_dataset(shards, split: str):
     """A ShardSet as an MLflow dataset: name, source directory, the manifest's digest, sample count and
     joints, so the UI's Dataset column and filters show what a run trained on."""
-    import hashlib
-    import json
-
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
     class ShardDataset(MetaDataset):
         def __init__(self):
             self._profile = {"num_rows": shards.num_samples, "split": split, "joints": len(shards.joints),
@@ -294,8 +294,6 @@ def abandon_local_run(run_id: str | None) -> None:
     """The store is gone: end the run locally without another request (MLflow's exit hook would
     otherwise try again) and stop the system-metrics thread."""
     try:
-        from mlflow.tracking import fluent
-
         monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
         if monitor is not None:
             monitor._shutdown_event.set()  # its thread is a daemon; no join on a dead server
@@ -310,8 +308,6 @@ def mark_failed(experiment: str, run_name: str, error: str) -> bool:
     """After a multi-rank run ended badly: a rank that raised could not tell MLflow (only rank 0 tracks,
     and the launcher then ended rank 0 too), so its run would stay RUNNING. Mark it FAILED with the
     error as a tag; False when there is no such running run (rank 0 recorded the end itself)."""
-    from mlflow.tracking import MlflowClient
-
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
@@ -333,8 +329,6 @@ def run_curves(run_name: str, experiment: str, tracking_uri: str | None, keys: t
                ) -> tuple[dict[str, tuple[list[int], list[float]]], str]:
     """({key: (steps, values)} for `keys` and the run's validation metric, the metric's name) of a finished
     run, found by name (`mshg propose-stop`)."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'") if exp else []
@@ -357,10 +351,6 @@ def tracking_uri_hint() -> str:
 
 def runs_table(experiment: str = "mshg", limit: int = 20, tracking_uri: str | None = None) -> list[dict]:
     """The newest runs of an experiment as rows of what a comparison needs (what the UI's table shows)."""
-    from datetime import datetime
-
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -390,8 +380,6 @@ def runs_table(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
 def compare_runs(refs: list[str], experiment: str = "mshg", tracking_uri: str | None = None) -> str:
     """Two or more runs (names or ids) side by side: the config values that differ, then every final
     metric, the stop and the speed; for terminals (the UI's Compare view, in text)."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = []

@@ -32,9 +32,11 @@ import torch
 from pipeline import distributed
 from pipeline.checkpoint import Checkpointer, full_state_dict
 from pipeline.config import Config, ConfigError, batch_plan, flatten, load_config, mix_sizes, read_deepspeed_file, to_dict
+from pipeline.ema import WeightAverage
 from pipeline.data import BadSampleError, MixedBatches, TrainBatches
 from pipeline.evaluate import TORSO_JOINTS, Validation, headline, joint_indices, metric_kind
 from pipeline.inputs import joint_map, training_inputs
+from pipeline.model import build_model
 from pipeline.run_folder import CONFIG_FILE, RunFolder, default_run_name
 from pipeline.schedule import deepspeed_scheduler, make_scheduler
 from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, StopSignals, reason_code, reason_from_code
@@ -42,6 +44,9 @@ from pipeline.targets import cascade_loss
 from pipeline.track import Tracker
 from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint, load_trained
 from shards.format import ShardSet
+
+# deepspeed is imported inside the functions that use it, after distributed.init has set DS_ACCELERATOR:
+# DeepSpeed picks its accelerator when it is first imported.
 
 # DeepSpeed 0.19 calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor names;
 # torch warns once per call site per rank, which fills every log. Not ours to fix: silenced at the source.
@@ -162,8 +167,6 @@ def build_engine(cfg: Config, world: distributed.World, num_joints: int, minutes
     in DeepSpeed's engine."""
     import deepspeed
 
-    from pipeline.model import build_model
-
     model = build_model(cfg.model, num_joints, cfg.data.input_size)
     optimizer = make_optimizer(cfg, model.parameters())
     # the GPU this rank uses (distributed.gpu_index), not DeepSpeed's default cuda:LOCAL_RANK, which
@@ -237,8 +240,6 @@ class Meter:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from pipeline.ema import WeightAverage
-
         self.world = distributed.init(cfg.train.device, cfg.train.cpu_threads)
         self.global_batch, self.micro_batch, self.accum = batch_plan(cfg.train, self.world.size)
         # what "auto" resolved to is what the run records (config.yaml, params) and DeepSpeed is given

@@ -13,7 +13,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, safe_open, save_file
 
+from pipeline.checkpoint import META, resolve_checkpoint
 from pipeline.config import Config, config_from_yaml
+from pipeline.model import build_model
+from shards.datasets import skeleton_for
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -43,8 +46,6 @@ def resolve(checkpoint: str | Path) -> Path:
 
 def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """-> (model in eval mode, config, {"joints": [...], "flip_pairs": [...]})"""
-    from pipeline.model import build_model
-
     path = resolve(checkpoint)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -59,8 +60,6 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, len(joints), cfg.data.input_size)
     model.load_state_dict(load_file(str(path), device=str(device)))
     model.to(device).eval()
-    from shards.datasets import skeleton_for
-
     skeleton = json.loads(meta.get("skeleton") or "[]") or skeleton_for(len(joints))
     return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"]), "skeleton": skeleton}
 
@@ -72,9 +71,6 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     runs/NAME/checkpoints/TAG. It reads the tag's `ema.safetensors` (a run with train.ema_decay: the
     weight average is what the run evaluated) or `weights.safetensors`, never DeepSpeed's pickles, so
     exporting a checkpoint from anywhere runs no code. Every key of the model must be there."""
-    from pipeline.checkpoint import META, resolve_checkpoint
-    from pipeline.model import build_model
-
     directory, tag = resolve_checkpoint(checkpoint)
     meta_path = directory / tag / META
     if not meta_path.is_file():

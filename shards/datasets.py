@@ -10,6 +10,7 @@ Images are opened later, by the writer, where missing/corrupt files are skipped 
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,8 +83,6 @@ SIDES = (("left", "right"), ("l", "r"))
 def mirror_name(name):
     """The name of the joint a horizontal flip swaps `name` with, or None: a left/right token
     (left/right or l/r, any case, split by _ - . or space, at either end) exchanged."""
-    import re
-
     tokens = re.split(r"([_\-. ]+)", name)
     for i in (0, len(tokens) - 1):
         low = tokens[i].lower()

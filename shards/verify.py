@@ -11,6 +11,7 @@ import os
 import tarfile
 import tempfile
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -34,8 +35,6 @@ def libjpeg_warnings(data):
     short and closed with an end-of-image marker decodes without an error, the missing part grey:
     libjpeg's "Corrupt JPEG data: premature end of data segment" warning on stderr is the only sign,
     so stderr (fd 2, where the C library writes) is captured for the decode."""
-    import cv2
-
     with tempfile.TemporaryFile() as err:
         saved = os.dup(2)
         os.dup2(err.fileno(), 2)

@@ -14,6 +14,18 @@ from pipeline.cli import main as mshg
 from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, SAMPLE, SHARED_DATA  # noqa: F401  (imported from here too)
 
 
+# `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup), and each worker builds its own
+# session and module fixtures. The tests that share an expensive one (a training run, a server, a cluster)
+# go to one worker together, so it is built once; the first name a test uses decides its group.
+SHARED_FIXTURES = ("two_rank_run", "mlflow_server", "slurm", "finished_run", "lspet_out", "coco_shards")
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:  # before xdist's collection hook reads the groups
+    shared = next((name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())), None)
+    if shared:
+        item.add_marker(pytest.mark.xdist_group(shared))
+
+
 def shard_sample(out: Path, first: int, last: int) -> Path:
     assert mshg(["shard", "lspet", "--root", str(SAMPLE), "--out", str(out), "--range", f"{first}:{last}",
                  "--quiet"]) == 0
@@ -128,7 +140,7 @@ def server_runs(mlflow_server, lspet_shards, tmp_path_factory) -> dict:
         assert proc.returncode == 0, out[-3000:] + err[-3000:]
         found = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
                                    filter_string=f"attributes.run_name = '{name}'")
-        assert len(found) == 1
+        assert len(found) == 1, f"run {name} not on the server:\n" + out[-3000:] + err[-3000:]
         runs[name] = client, found[0], tmp, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return runs
 

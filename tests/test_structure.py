@@ -44,6 +44,30 @@ def test_no_import_cycle_in_pipeline_and_shards():
     assert "pipeline.predict" not in graph["pipeline.evaluate"] and "pipeline.evaluate" not in graph["pipeline.predict"]
 
 
+# What may be imported inside a function instead of at the top of its module: DALI (its graph in
+# pipeline.data; inference runs without it), deepspeed (after DS_ACCELERATOR is set), matplotlib (after its
+# backend is chosen); and in the command line's doors, each command's own module.
+LAZY_MODULES = ("pipeline.data", "nvidia.dali", "deepspeed", "matplotlib")
+COMMAND_DOORS = ("pipeline/cli.py", "pipeline/show.py")
+
+
+def test_imports_are_at_the_top_but_for_the_heavy_optional_ones():
+    inside = []
+    for package in ("pipeline", "shards"):
+        for path in sorted((REPO / package).glob("*.py")):
+            if f"{package}/{path.name}" in COMMAND_DOORS:
+                continue
+            for function in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(function):
+                    names = [node.module] if isinstance(node, ast.ImportFrom) else \
+                        [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                    inside += [f"{package}/{path.name}:{node.lineno} {n}" for n in names
+                               if not any(n == m or n.startswith(m + ".") for m in LAZY_MODULES)]
+    assert not inside, inside
+
+
 def test_inference_modules_import_without_dali():
     script = ("import sys\nsys.modules['nvidia.dali'] = None\n"
               "import pipeline.inference, pipeline.evaluate, pipeline.predict, pipeline.export, pipeline.track, "

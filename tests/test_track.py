@@ -192,6 +192,36 @@ def test_resume_after_a_crash_keeps_one_value_per_step(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_a_run_whose_experiment_another_run_just_created_lands_in_it(tmp_path):
+    """Two runs started at once on a new store both find no experiment "mshg" and both create it; MLflow
+    answers the second with the experiment but leaves it inactive. Replayed in that order: the run is
+    in "mshg", not in MLflow's Default experiment (found by the two server runs side by side)."""
+    code = """if True:
+        from mlflow.tracking import MlflowClient
+        from mlflow.tracking._tracking_service.client import TrackingServiceClient  # what set_experiment calls
+        from pipeline.track import Tracker
+        lookup, calls = TrackingServiceClient.get_experiment_by_name, []
+
+        def looked_up_before_the_other_run_created_it(self, name):
+            calls.append(name)
+            return None if len(calls) == 1 else lookup(self, name)
+
+        other = MlflowClient().create_experiment("mshg")  # the other run, a moment earlier
+        TrackingServiceClient.get_experiment_by_name = looked_up_before_the_other_run_created_it
+        t = Tracker(True, run_name="second", system_metrics=False)
+        t.finish()
+        print("RUN", t.run_id, other, len(calls))
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "RUN " in out.stdout, out.stderr[-3000:]
+    run_id, other, lookups = out.stdout.split("RUN ")[1].split()
+    assert int(lookups) >= 2  # the race was replayed: the create failed and MLflow looked the name up again
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.info.experiment_id == other and run.info.run_name == "second"
+
+
 def test_default_local_store_and_no_server_at_start(tmp_path):
     """No MLFLOW_TRACKING_URI: sqlite:///mlflow.db in the working directory. A server that is not
     there at the start: one warning, nothing raised, quickly."""
