@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -143,6 +144,17 @@ class World:
         return f"{self.size} rank(s) on {self.device}{threads}"
 
 
+def use_own_ninja(env) -> None:
+    """Put this Python's own bin folder (the venv's, with the `ninja` the project pins) first on PATH.
+    On a CPU, DeepSpeed JIT-builds a C++ op (deepspeed_shm_comm, ~1 minute of g++ on 2 cores) into one
+    shared cache with the first `ninja` on PATH. ninja >= 1.12 hashes build commands differently from older
+    ones, so ranks whose launchers give them another PATH (pdsh's remote shells, srun, a system ninja
+    1.11) found each other's build stale and rebuilt it in turn, on every alternation."""
+    own = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(own, "ninja")) and env.get("PATH", "").split(os.pathsep)[0] != own:
+        env["PATH"] = own + os.pathsep + env.get("PATH", "")
+
+
 def init(device: str = "auto", cpu_threads: int = 0) -> World:
     _, note = choose_device(device)
     fill_env_from_slurm()
@@ -150,6 +162,7 @@ def init(device: str = "auto", cpu_threads: int = 0) -> World:
     if "RANK" not in env:  # a plain `python -m pipeline.train`: a world of one
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
+    use_own_ninja(env)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

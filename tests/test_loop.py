@@ -134,6 +134,22 @@ def test_cuda_without_cuda_is_a_clear_error_and_auto_says_what_it_chose(lspet_sh
     assert run.data.tags["stop_reason"] == "converged" and run.data.tags["stopped_at_step"] == "3"
 
 
+def test_every_rank_builds_deepspeeds_cpu_op_with_the_venvs_ninja():
+    """Ranks started by pdsh or srun get another PATH, where a system ninja 1.11 came first; it and the
+    venv's ninja 1.13 hash build commands differently, so each rebuilt DeepSpeed's shared JIT op (~1 min
+    of g++) after the other (measured: 2-3 rebuilds per test-suite run). init puts the venv's bin first."""
+    from pipeline.distributed import use_own_ninja
+
+    own = os.path.dirname(sys.executable)
+    assert os.path.isfile(os.path.join(own, "ninja"))  # the project's venv has one (pyproject: ninja)
+    env = {"PATH": os.pathsep.join(["/usr/bin", "/bin", own])}
+    use_own_ninja(env)
+    assert env["PATH"].split(os.pathsep) == [own, "/usr/bin", "/bin", own]
+    use_own_ninja(env)  # once is enough: a second call (a resumed rank) leaves it
+    assert env["PATH"].split(os.pathsep) == [own, "/usr/bin", "/bin", own]
+    assert shutil.which("ninja", path=env["PATH"]) == os.path.join(own, "ninja")
+
+
 def test_launcher_takes_the_gpus_cuda_visible_devices_names():
     from pipeline.config import ConfigError
     from pipeline.distributed import gpu_index, launcher_devices
