@@ -11,19 +11,34 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.quick
 
 
+def imports_in(path, inside_functions_only: bool = False):
+    """(line, imported module name) for each import statement of `path` (relative ones skipped), anywhere
+    in its body or only inside its functions."""
+    tree = ast.parse(path.read_text())
+    scopes = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))] \
+        if inside_functions_only else [tree]
+    seen = set()
+    for scope in scopes:
+        for node in ast.walk(scope):
+            if id(node) in seen:  # a nested function's imports: once
+                continue
+            seen.add(id(node))
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            yield from ((node.lineno, n) for n in names)
+
+
+def project_modules():
+    """(module name, its path) for each module of pipeline/ and shards/."""
+    for package in ("pipeline", "shards"):
+        for path in sorted((REPO / package).glob("*.py")):
+            yield (package if path.stem == "__init__" else f"{package}.{path.stem}"), path
+
+
 def project_imports() -> dict[str, set[str]]:
     """module -> the project modules it imports anywhere in its body."""
-    graph = {}
-    for package in ("pipeline", "shards"):
-        for path in (REPO / package).glob("*.py"):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            deps = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                deps |= {n for n in names if n.split(".")[0] in ("pipeline", "shards")}
-            graph[name] = deps - {name}
-    return graph
+    return {name: {n for _, n in imports_in(path) if n.split(".")[0] in ("pipeline", "shards")} - {name}
+            for name, path in project_modules()}
 
 
 def test_no_import_cycle_in_pipeline_and_shards():
@@ -52,19 +67,10 @@ COMMAND_DOORS = ("pipeline/cli.py", "pipeline/show.py")
 
 
 def test_imports_are_at_the_top_but_for_the_heavy_optional_ones():
-    inside = []
-    for package in ("pipeline", "shards"):
-        for path in sorted((REPO / package).glob("*.py")):
-            if f"{package}/{path.name}" in COMMAND_DOORS:
-                continue
-            for function in ast.walk(ast.parse(path.read_text())):
-                if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                for node in ast.walk(function):
-                    names = [node.module] if isinstance(node, ast.ImportFrom) else \
-                        [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                    inside += [f"{package}/{path.name}:{node.lineno} {n}" for n in names
-                               if not any(n == m or n.startswith(m + ".") for m in LAZY_MODULES)]
+    inside = [f"{path.relative_to(REPO)}:{line} {n}" for _, path in project_modules()
+              if str(path.relative_to(REPO)) not in COMMAND_DOORS
+              for line, n in imports_in(path, inside_functions_only=True)
+              if not any(n == m or n.startswith(m + ".") for m in LAZY_MODULES)]
     assert not inside, inside
 
 
