@@ -134,7 +134,7 @@ def test_cuda_without_cuda_is_a_clear_error_and_auto_says_what_it_chose(lspet_sh
     assert run.data.tags["stop_reason"] == "converged" and run.data.tags["stopped_at_step"] == "3"
 
 
-def test_every_rank_builds_deepspeeds_cpu_op_with_the_venvs_ninja():
+def test_every_rank_builds_deepspeeds_cpu_op_with_the_venvs_ninja(tmp_path):
     """Ranks started by pdsh or srun get another PATH, where a system ninja 1.11 came first; it and the
     venv's ninja 1.13 hash build commands differently, so each rebuilt DeepSpeed's shared JIT op (~1 min
     of g++) after the other (measured: 2-3 rebuilds per test-suite run). init puts the venv's bin first."""
@@ -148,6 +148,12 @@ def test_every_rank_builds_deepspeeds_cpu_op_with_the_venvs_ninja():
     use_own_ninja(env)  # once is enough: a second call (a resumed rank) leaves it
     assert env["PATH"].split(os.pathsep) == [own, "/usr/bin", "/bin", own]
     assert shutil.which("ninja", path=env["PATH"]) == os.path.join(own, "ninja")
+    # and a rank calls it: distributed.init in a process whose PATH is a remote shell's, without the venv
+    probe = ("import os; from pipeline.distributed import init; init('cpu', 1); "
+             "print('PATH0', os.environ['PATH'].split(os.pathsep)[0])")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**run_env(tmp_path), "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    assert proc.returncode == 0 and f"PATH0 {own}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_launcher_takes_the_gpus_cuda_visible_devices_names():
