@@ -198,6 +198,18 @@ def test_precision_auto_is_bf16_only_where_the_cpu_computes_it():
         resolve_precision("fp16", cpu)
 
 
+def test_the_stacked_twin_differs_from_the_recipe_only_in_its_model():
+    """The study compares the models under one recipe: a retuned setting must reach both configs."""
+    from dataclasses import asdict, replace
+
+    from pipeline.config import load_config
+
+    recipe = load_config(REPO / "configs" / "lspet_cpu.yaml")
+    twin = load_config(REPO / "configs" / "lspet_cpu_stacked.yaml")
+    assert twin.model != recipe.model
+    assert asdict(replace(twin, model=recipe.model, name=recipe.name)) == asdict(recipe)
+
+
 def test_slurm_rendezvous_port_is_the_job_scripts_rule(monkeypatch):
     """Under srun without launch/slurm/common.sh, the trainer derives the same MASTER_PORT as the script."""
     import os
