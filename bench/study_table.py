@@ -52,32 +52,20 @@ def main() -> None:
     p.add_argument("--summary-run", default="study-summary", help="the MLflow run the table and plot go to")
     args = p.parse_args()
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from bench.recipe_curve import find_run, plot_curves, run_curve
     from pipeline.config import config_from_yaml
     from pipeline.model import build_model, count_flops, count_parameters
 
     client = MlflowClient()
-    exp = client.get_experiment_by_name(args.experiment)
     rows, curves, joints = [], {}, None  # curves: name -> [(minutes, images seen, pck)]
     for name in args.runs:
-        found = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'",
-                                   order_by=["attributes.start_time DESC"])
-        if not found:
-            raise SystemExit(f"no MLflow run named {name} in experiment {args.experiment}")
-        run = found[0]
+        run = find_run(client, args.experiment, name)
         cfg = config_from_yaml((REPO / "runs" / name / "config.yaml").read_text(), source=name)
         model = build_model(cfg.model, 14, cfg.data.input_size)
-        pck, minutes = history(client, run.info.run_id, "pck"), history(client, run.info.run_id, "minutes")
-        params, world = run.data.params, int(run.data.tags.get("world_size", 1))
-        batch = int(params.get("train.global_batch", 0)) or \
-            int(params["train.micro_batch"]) * int(params.get("train.grad_accum", 1)) * world
-        curves[name] = sorted((minutes[s], s * batch, v) for s, v in pck.items() if s in minutes)
+        curves[name] = [(m, i, v / 100) for m, i, v in run_curve(client, run)]
         joints = joints or sorted(k.split("/", 1)[1] for k in run.data.metrics if k.startswith("pck/"))
         per_joint = {j: run.data.metrics.get(f"pck/{j}", float("nan")) for j in joints}
         rates = list(history(client, run.info.run_id, "images_per_s").values())
@@ -119,20 +107,8 @@ def main() -> None:
               f"![PCK@0.2 against training minutes and images seen]({Path(args.plot).name})", "", END]
     table = "\n".join(lines)
 
-    fig, (by_minutes, by_images) = plt.subplots(1, 2, figsize=(12, 5), dpi=100, sharey=True)
-    for name, curve in curves.items():
-        style = "-" if "cascade" in name or "msc" in name else "--"
-        by_minutes.plot([m for m, _, _ in curve], [100 * v for *_, v in curve], style, marker="o", markersize=3, label=name)
-        by_images.plot([i / 1000 for _, i, _ in curve], [100 * v for *_, v in curve], style, marker="o", markersize=3,
-                       label=name)
-    by_minutes.set_xlabel("training minutes (2 CPU ranks)")
-    by_images.set_xlabel("images seen (thousands)")
-    by_minutes.set_ylabel("validation PCK@0.2 (%), flip test")
-    for ax in (by_minutes, by_images):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.plot)
+    plot_curves({n: [(m, i, 100 * v) for m, i, v in c] for n, c in curves.items()}, args.plot,
+                dashed=lambda name: not ("cascade" in name or "msc" in name))
 
     out = Path(args.out)
     text = out.read_text() if out.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
