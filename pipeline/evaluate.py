@@ -319,7 +319,7 @@ def photo_samples(shards):
 
 
 def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,
-                    passes: int = 2) -> dict[int, SampleResult]:
+                    passes: int = 3) -> dict[int, SampleResult]:
     """`mshg predict` on the shard set's photographs, scored against their annotation: with each person's box
     (the validation box rule, `--boxes`), or bare (no box: the whole photo, then the box of the joints
     found). Results in original pixels (an identity matrix), for `summarise`."""
@@ -376,7 +376,7 @@ def main(args) -> int:
         raise ValueError("--sheet draws the validation crops: leave out --photos")
     if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
         flip = shards.flip_permutation() if eval_cfg.flip else None
-        passes = getattr(args, "passes", 2)
+        passes = getattr(args, "passes", 3)
         results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size, passes)
         how = "mshg predict on the photographs, " + ("with each person box" if photos == "boxes" else
                                                      f"bare: no box, {passes} passes")

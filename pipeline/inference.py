@@ -123,14 +123,17 @@ def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[
     return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules), dark_kernel=dark_kernel)
 
 
-BOX_SCORE = 0.1  # joints of the first pass whose peak is at least this share of the best one frame the second
-# a first pass with fewer confident joints found no person to frame: its photo stays whole (1: always reframe)
+BOX_SCORE = 0.1  # joints of a pass whose peak is at least this share of the best one frame the next
+# a pass with fewer confident joints found no person to frame: its crop stays as it was (1: always reframe)
 MIN_BOX_JOINTS = 1
-# the next pass crops the confident joints' box grown by each of these factors about its centre (a weak
-# first pass misses the extremities) and keeps, per photo, the crop whose joints the model is surest of
-# (the highest mean peak score). Validation bare photos, recipe r2, one factor: x1.0 14.1 %, x1.2 15.8,
-# x1.4 16.5, x1.6 16.1, x1.9 15.3
-BOX_GROWS = (1.4,)
+# The first pass on a bare photo tries the whole photo and a 3x3 grid of square windows of each of these
+# shares of its longer side, and keeps the crop whose joints the model is surest of (the highest mean peak):
+# a person small in a 96-px whole photo is found larger in a window. Each later pass crops the confident
+# joints' box grown by PASS_GROWS (pass 2 the first factor, later passes the last): x1.4 after the coarse
+# first pass (it misses extremities), x1.0 once a framed crop found them. Validation bare photos, recipe r4
+# (docs/results.md): whole photo, x1.4: 30.5 %; whole, x1.4, x1.0: 33.5; windows 0.6, x1.4, x1.0: 35.5.
+FIRST_PASS_WINDOWS = (0.6,)
+PASS_GROWS = (1.4, 1.0)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -175,24 +178,39 @@ def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: 
     return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
 
 
+def first_pass_boxes(image: np.ndarray) -> list[list[float]]:
+    """The whole photo, then a 3x3 grid of square windows per FIRST_PASS_WINDOWS share (x0, y0, w, h)."""
+    h, w = image.shape[:2]
+    boxes = [[0.0, 0.0, float(w), float(h)]]
+    for share in FIRST_PASS_WINDOWS:
+        side = share * max(h, w)
+        # corner to corner; a window longer than the photo's short side is centred on it that way
+        for cy in np.linspace(min(side, h) / 2, max(h - side / 2, h / 2), 3):
+            for cx in np.linspace(min(side, w) / 2, max(w - side / 2, w / 2), 3):
+                boxes.append([float(cx - side / 2), float(cy - side / 2), side, side])
+    return boxes
+
+
 def predict_images(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None,
-                   passes: int = 2) -> np.ndarray:
-    """A box where one is given; where none is, the whole photo, then (passes - 1) times the best of the
-    crops around the joints found (BOX_GROWS)."""
+                   passes: int = 3) -> np.ndarray:
+    """A box where one is given; where none is, the surest of the first-pass crops (first_pass_boxes),
+    then (passes - 1) times the box of the joints found, grown by PASS_GROWS."""
+    keypoints = predict_batch(model, cfg, images, [[0, 0, im.shape[1], im.shape[0]] if b is None else b
+                                                   for im, b in zip(images, boxes)], flip_perm)
     bare = [i for i, b in enumerate(boxes) if b is None]
-    boxes = [[0, 0, im.shape[1], im.shape[0]] if b is None else b for im, b in zip(images, boxes)]
-    keypoints = predict_batch(model, cfg, images, boxes, flip_perm)
-    for _ in range(passes - 1):
-        tries = [(i, box) for i in bare for box in (box_from_keypoints(keypoints[i], g) for g in BOX_GROWS)
-                 if box is not None]
+    windows = [(i, box) for i in bare for box in first_pass_boxes(images[i])[1:]]
+    if windows:
+        found = predict_batch(model, cfg, [images[i] for i, _ in windows], [box for _, box in windows], flip_perm)
+        for (i, _), kp in zip(windows, found):
+            if kp[:, 2].mean() > keypoints[i][:, 2].mean():
+                keypoints[i] = kp
+    for k in range(passes - 1):
+        grow = PASS_GROWS[min(k, len(PASS_GROWS) - 1)]
+        tries = [(i, box) for i in bare if (box := box_from_keypoints(keypoints[i], grow)) is not None]
         if not tries:
             break
         found = predict_batch(model, cfg, [images[i] for i, _ in tries], [box for _, box in tries], flip_perm)
-        best: dict[int, np.ndarray] = {}
         for (i, _), kp in zip(tries, found):
-            if i not in best or kp[:, 2].mean() > best[i][:, 2].mean():
-                best[i] = kp
-        for i, kp in best.items():
             keypoints[i] = kp
     return keypoints
 

@@ -48,9 +48,12 @@ def test_predict_batches_overlays_and_reports_unreadable_images(weights, tmp_pat
         assert changed.sum() > 30
 
 
-def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tmp_path):
+def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tmp_path, monkeypatch):
+    from pipeline import inference
     from pipeline.inference import crop, crop_to_original, predict_crops, read_image
     from pipeline.weights import load_trained
+
+    monkeypatch.setattr(inference, "FIRST_PASS_WINDOWS", ())  # one crop: the whole photo
 
     image_path = str(SAMPLE / "images" / "im00170.jpg")
     results = {}
@@ -78,23 +81,42 @@ def test_second_pass_box_is_the_confident_joints_grown_about_their_centre():
     assert (x + w / 2, y + h / 2) == pytest.approx((20, 40))  # the joints' centre stays
 
 
-def test_second_pass_keeps_the_crop_the_model_is_surest_of(weights, monkeypatch):
-    """Several growth factors: each bare photo gets the keypoints of the candidate crop with the highest
-    mean peak score, exactly as predict_batch gives them for that crop; a boxed photo keeps its box."""
+def test_bare_photo_passes_follow_the_box_rule(weights, monkeypatch):
+    """A bare photo: the first pass keeps the whole-photo or window crop with the highest mean peak, each
+    later pass crops the previous joints' box grown by PASS_GROWS (x1.6, then x1.1 here), each exactly as
+    predict_batch gives it; a boxed photo keeps its box through every pass."""
     from pipeline import inference
     from pipeline.weights import load_trained
 
     model, cfg, _ = load_trained(weights)
     images = [inference.read_image(str(SAMPLE / "images" / f"im{i:05d}.jpg")) for i in (161, 162)]
     given = [10, 10, 100, 150]
-    monkeypatch.setattr(inference, "BOX_GROWS", (1.1, 1.6, 2.4))
-    got = inference.predict_images(model, cfg, images, [None, given], None, passes=2)
-    first = inference.predict_batch(model, cfg, images[:1], [[0, 0, images[0].shape[1], images[0].shape[0]]], None)[0]
-    tries = [inference.predict_batch(model, cfg, images[:1], [inference.box_from_keypoints(first, g)], None)[0]
-             for g in inference.BOX_GROWS]
-    best = max(tries, key=lambda kp: kp[:, 2].mean())
-    np.testing.assert_allclose(got[0], best, atol=1e-5)
+    monkeypatch.setattr(inference, "PASS_GROWS", (1.6, 1.1))
+    got = inference.predict_images(model, cfg, images, [None, given], None, passes=3)
+
+    def one(box):
+        return inference.predict_batch(model, cfg, images[:1], [box], None)[0]
+
+    windows = inference.first_pass_boxes(images[0])
+    h, w = images[0].shape[:2]
+    assert len(windows) == 1 + 9 * len(inference.FIRST_PASS_WINDOWS) and windows[0] == [0, 0, w, h]
+    first = max((one(box) for box in windows), key=lambda kp: kp[:, 2].mean())
+    second = one(inference.box_from_keypoints(first, 1.6))
+    np.testing.assert_allclose(got[0], one(inference.box_from_keypoints(second, 1.1)), atol=1e-5)
     np.testing.assert_allclose(got[1], inference.predict_batch(model, cfg, images[1:], [given], None)[0], atol=1e-5)
+
+
+def test_first_pass_windows_tile_the_photo():
+    """Square windows of each share of the longer side, 3 x 3, from one corner to the other."""
+    from pipeline.inference import FIRST_PASS_WINDOWS, first_pass_boxes
+
+    boxes = np.array(first_pass_boxes(np.zeros((200, 400, 3), np.uint8)))
+    side = FIRST_PASS_WINDOWS[0] * 400
+    grid = boxes[1:10]
+    assert np.allclose(grid[:, 2:], side)
+    assert grid[:, 0].min() == pytest.approx(0) and (grid[:, 0] + side).max() == pytest.approx(400)
+    # taller than the photo: the windows are centred on it vertically
+    assert np.allclose(grid[:, 1] + side / 2, 100)
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])

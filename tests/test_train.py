@@ -85,8 +85,9 @@ def test_run_directory_feeds_export_evaluate_and_predict(two_rank_run, lspet_sha
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     out = tmp_path / "preds.json"
-    # one pass: the whole photo only, so every prediction lies in that crop (a second pass crops the grown
-    # box of the first pass's joints, which for these untrained weights may reach past it)
+    # one pass: the whole photo or one of its windows, whose crops lie inside the whole photo's, so every
+    # prediction lies in that crop (a second pass crops the grown box of the first pass's joints, which for
+    # these untrained weights may reach past it)
     assert mshg(["predict", "--checkpoint", str(run_dir), "--out", str(out), "--passes", "1", images[0], str(bad),
                  images[1]]) == 0
     assert "broken.jpg: cannot read" in capsys.readouterr().err
