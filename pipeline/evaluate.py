@@ -321,8 +321,8 @@ def photo_samples(shards):
 def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,
                     passes: int = 3) -> dict[int, SampleResult]:
     """`mshg predict` on the shard set's photographs, scored against their annotation: with each person's box
-    (the validation box rule, `--boxes`), or bare (no box: the whole photo, then the box of the joints
-    found). Results in original pixels (an identity matrix), for `summarise`."""
+    (the validation box rule, `--boxes`), or bare (no box: pipeline.inference's coarse-to-fine rule,
+    `predict_images`). Results in original pixels (an identity matrix), for `summarise`."""
     results: dict[int, SampleResult] = {}
     chunk: list = []
 
