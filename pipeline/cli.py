@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
                         "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
     p.add_argument("--passes", type=at_least_one, default=3,
-                   help="with --photos bare: the surest of the whole photo and its windows, then (passes - 1) "
-                        "times the box of the joints found (default 3)")
+                   help="with --photos bare: the 3 surest of the whole photo and its windows, each refined (passes - 1) "
+                        "times on the box of the joints found; the surest refined crop wins (default 3)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")
@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.add_argument("--passes", type=at_least_one, default=3,
-                   help="photos without a box: the surest of the whole photo and its windows, then (passes - 1) "
-                        "times the box of the joints found (default 3)")
+                   help="photos without a box: the 3 surest of the whole photo and its windows, each refined (passes - 1) "
+                        "times on the box of the joints found; the surest refined crop wins (default 3)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
     p.add_argument("images", nargs="+", help="image files")

@@ -3,9 +3,10 @@ keypoints in original pixels.
 
 Each image is cropped exactly as the validation pipeline crops a person (`crop_matrix`): around a
 box given in `--boxes` (JSON {image path: [x0, y0, w, h]}), or, for a photo without a box, coarse
-to fine: a first pass on the whole photo and a grid of windows (the crop the model is surest of is
-kept), then twice the box of the joints found, cropped like a validation box (`--passes`, default 3;
-1: the first pass only; pipeline.inference's PASS_GROWS). Images go
+to fine: a first pass on the whole photo and a grid of windows; the 3 crops the model is surest of are
+each refined twice on the box of the joints found, cropped like a validation box, and the surest refined
+crop is the answer (`--passes`, default 3; 1: the first pass only; pipeline.inference's FIRST_PASS_KEEP
+and PASS_GROWS). Images go
 through the model in batches (`--batch-size`), with the flip test unless `--no-flip`, decoded from
 the modules the run's `eval.modules` names. Unreadable images are reported by name and skipped; the
 rest go on.

@@ -82,9 +82,10 @@ def test_second_pass_box_is_the_confident_joints_grown_about_their_centre():
 
 
 def test_bare_photo_passes_follow_the_box_rule(weights, monkeypatch):
-    """A bare photo: the first pass keeps the whole-photo or window crop with the highest mean peak, each
-    later pass crops the previous joints' box grown by PASS_GROWS (x1.6, then x1.1 here), each exactly as
-    predict_batch gives it; a boxed photo keeps its box through every pass."""
+    """A bare photo: of the whole-photo and window crops, the FIRST_PASS_KEEP (2 here) with the highest mean
+    peak are each refined: every later pass crops the previous joints' box grown by PASS_GROWS (x1.6, then
+    x1.1 here), each exactly as predict_batch gives it; the answer is the refined crop with the highest mean
+    peak. A boxed photo keeps its box through every pass."""
     from pipeline import inference
     from pipeline.weights import load_trained
 
@@ -92,18 +93,25 @@ def test_bare_photo_passes_follow_the_box_rule(weights, monkeypatch):
     images = [inference.read_image(str(SAMPLE / "images" / f"im{i:05d}.jpg")) for i in (161, 162)]
     given = [10, 10, 100, 150]
     monkeypatch.setattr(inference, "PASS_GROWS", (1.6, 1.1))
+    monkeypatch.setattr(inference, "FIRST_PASS_KEEP", 2)
     got = inference.predict_images(model, cfg, images, [None, given], None, passes=3)
 
     def one(box):
         return inference.predict_batch(model, cfg, images[:1], [box], None)[0]
 
+    def surest(kps):
+        return max(kps, key=lambda kp: kp[:, 2].mean())
+
     windows = inference.first_pass_boxes(images[0])
     h, w = images[0].shape[:2]
     assert len(windows) == 1 + 9 * len(inference.FIRST_PASS_WINDOWS) and windows[0] == [0, 0, w, h]
-    first = max((one(box) for box in windows), key=lambda kp: kp[:, 2].mean())
-    second = one(inference.box_from_keypoints(first, 1.6))
-    np.testing.assert_allclose(got[0], one(inference.box_from_keypoints(second, 1.1)), atol=1e-5)
+    first = sorted((one(box) for box in windows), key=lambda kp: -kp[:, 2].mean())
+    refined = [one(inference.box_from_keypoints(one(inference.box_from_keypoints(kp, 1.6)), 1.1)) for kp in first[:2]]
+    np.testing.assert_allclose(got[0], surest(refined), atol=1e-5)
     np.testing.assert_allclose(got[1], inference.predict_batch(model, cfg, images[1:], [given], None)[0], atol=1e-5)
+    # one pass: the surest first-pass crop itself
+    np.testing.assert_allclose(inference.predict_images(model, cfg, images[:1], [None], None, passes=1)[0],
+                               first[0], atol=1e-5)
 
 
 def test_first_pass_windows_tile_the_photo():
