@@ -131,7 +131,10 @@ def server_runs(mlflow_server, lspet_shards, tmp_path_factory) -> dict:
     for name, (train, steps) in settings.items():
         tmp = tmp_path_factory.mktemp(name)
         cfg = tiny_config(tmp, lspet_shards, train={"run_name": name, **train}, stop={"max_steps": steps})
-        started[name] = tmp, subprocess.Popen(train_cmd(cfg), cwd=tmp, env=server_env(mlflow_server.uri),
+        # the tracker's HTTP defaults fail fast (track.HTTP_DEFAULTS); here two trainings, the server and the
+        # other tests share 2 cores, so a request may wait longer than a user's would
+        env = dict(server_env(mlflow_server.uri), MLFLOW_HTTP_REQUEST_MAX_RETRIES="4", MLFLOW_HTTP_REQUEST_TIMEOUT="60")
+        started[name] = tmp, subprocess.Popen(train_cmd(cfg), cwd=tmp, env=env,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     runs = {}
