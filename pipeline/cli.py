@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")
     p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or a .safetensors file")
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; default: the whole image")
+    p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; images without one are searched (--passes)")
     p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.add_argument("--passes", type=at_least_one, default=3,
