@@ -133,8 +133,19 @@ class Tracker:
     def log_datasets(self, shard_sets: list[tuple[object, str]]) -> None:
         """Each (ShardSet, split) as an MLflow dataset input (`shard_dataset`)."""
         for shards, split in shard_sets if self.enabled else []:
-            self._guard("log_input", self._mlflow.log_input, shard_dataset(shards, split),
+            self._guard("log_input", self._log_input, shard_dataset(shards, split),
                         context="training" if split == "train" else "validation")
+
+    def _log_input(self, dataset, context: str) -> None:
+        """Runs started together race on the store's dataset row: each finds none and inserts it, and the
+        second insert breaks the unique (experiment, name, digest) key (seen with two runs on one server).
+        Once the row exists, a second try links it."""
+        try:
+            self._mlflow.log_input(dataset, context=context)
+        except Exception as e:
+            if "unique constraint" not in str(e).lower():
+                raise
+            self._mlflow.log_input(dataset, context=context)
 
     def log_params(self, params: dict) -> None:
         items = [self._mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()] if self.enabled else []

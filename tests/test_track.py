@@ -222,6 +222,49 @@ def test_a_run_whose_experiment_another_run_just_created_lands_in_it(tmp_path):
     assert run.info.experiment_id == other and run.info.run_name == "second"
 
 
+def test_two_runs_logging_the_same_dataset_at_once_both_link_it(lspet_shards, tmp_path):
+    """Two runs started together both find no row for their shards' dataset and both insert it; the
+    second insert breaks the store's unique key (two trainings on one test server, 2026-12-04). Replayed
+    in that order on a real store: the second run retries, links the first run's row, keeps tracking."""
+    code = f"""if True:
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking import MlflowClient
+        from mlflow.entities import DatasetInput
+        from shards.format import ShardSet
+        from pipeline.track import Tracker, shard_dataset
+        shards, log_inputs, calls = ShardSet.open({str(lspet_shards["train"])!r}), SqlAlchemyStore.log_inputs, []
+        second = Tracker(True, run_name="second", system_metrics=False)
+        client = MlflowClient()
+        first = client.create_run(second.experiment_id, run_name="first").info.run_id
+
+        def the_other_run_inserted_it_meanwhile(self, run_id, datasets=None, models=None):
+            calls.append(run_id)
+            if len(calls) == 1:  # the other run's insert lands between this run's lookup and its insert
+                client.log_inputs(first, [DatasetInput(shard_dataset(shards, "train")._to_mlflow_entity())])
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                      "datasets.name, datasets.digest")
+            return log_inputs(self, run_id, datasets, models)
+
+        SqlAlchemyStore.log_inputs = the_other_run_inserted_it_meanwhile
+        second.log_datasets([(shards, "train")])
+        second.log_metrics({{"loss/stage_1": 1.0}}, 1)
+        second.finish()
+        print("RUNS", first, second.run_id, len(calls))
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "RUNS " in out.stdout, out.stderr[-3000:]
+    assert WARNING not in out.stderr, out.stderr[-3000:]
+    first, second, calls = out.stdout.split("RUNS ")[1].split()
+    assert int(calls) == 3  # the second run's failed insert, the first run's, the second run's retry
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = [client.get_run(r) for r in (first, second)]
+    assert [[d.dataset.digest for d in r.inputs.dataset_inputs] for r in runs] == [[runs[0].inputs.dataset_inputs[0].dataset.digest]] * 2
+    assert [m.value for m in client.get_metric_history(second, "loss/stage_1")] == [1.0]
+
+
 def test_default_local_store_and_no_server_at_start(tmp_path):
     """No MLFLOW_TRACKING_URI: sqlite:///mlflow.db in the working directory. A server that is not
     there at the start: one warning, nothing raised, quickly."""
