@@ -62,6 +62,18 @@ def git_tags(repo: Path = REPO) -> dict[str, str]:
             "mlflow.source.git.branch": branch}
 
 
+def once_more_if_raced(fn, *args, **kwargs):
+    """Runs started together race on the store's check-then-insert rows (the experiment's kind tag, a
+    dataset): each finds none and inserts it, and the second insert breaks the row's unique key (seen
+    with two runs starting at once on one server). Once the row exists, a second try updates or links it."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        if "unique constraint" not in str(e).lower():
+            raise
+        return fn(*args, **kwargs)
+
+
 class Tracker:
     def __init__(self, enabled: bool, experiment: str = "mshg", run_name: str = "", run_id: str | None = None,
                  tags: dict | None = None, system_metrics: bool = True):
@@ -87,7 +99,8 @@ class Tracker:
             self.experiment_id = exp.experiment_id
             # without it MLflow 3's UI opens the experiment in its GenAI view (traces, tokens), not on the runs
             if exp.tags.get("mlflow.experimentKind") != "custom_model_development":
-                self.client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
+                once_more_if_raced(self.client.set_experiment_tag, exp.experiment_id, "mlflow.experimentKind",
+                                   "custom_model_development")
             if run_id:  # resume: the same run continues its history
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
                 self.run_id = run.info.run_id  # _run_tags needs it
@@ -137,15 +150,7 @@ class Tracker:
                         context="training" if split == "train" else "validation")
 
     def _log_input(self, dataset, context: str) -> None:
-        """Runs started together race on the store's dataset row: each finds none and inserts it, and the
-        second insert breaks the unique (experiment, name, digest) key (seen with two runs on one server).
-        Once the row exists, a second try links it."""
-        try:
-            self._mlflow.log_input(dataset, context=context)
-        except Exception as e:
-            if "unique constraint" not in str(e).lower():
-                raise
-            self._mlflow.log_input(dataset, context=context)
+        once_more_if_raced(self._mlflow.log_input, dataset, context=context)
 
     def log_params(self, params: dict) -> None:
         items = [self._mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()] if self.enabled else []

@@ -265,6 +265,43 @@ def test_two_runs_logging_the_same_dataset_at_once_both_link_it(lspet_shards, tm
     assert [m.value for m in client.get_metric_history(second, "loss/stage_1")] == [1.0]
 
 
+def test_two_runs_tagging_a_new_experiment_at_once_both_start(tmp_path):
+    """Two runs started together on a new experiment both find it without its kind tag and both insert
+    the tag; the second insert breaks the store's unique key (two trainings on one test server, CI of
+    2026-12-04: the second run went untracked). Replayed in that order: the second run retries and starts."""
+    code = """if True:
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from pipeline.track import Tracker
+        set_tag, calls = SqlAlchemyStore.set_experiment_tag, []
+
+        def the_other_run_tagged_it_meanwhile(self, experiment_id, tag):
+            calls.append(tag.key)
+            if len(calls) == 1:  # the other run's insert lands between this run's lookup and its insert
+                set_tag(self, experiment_id, tag)
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key, "
+                                      "experiment_tags.experiment_id")
+            return set_tag(self, experiment_id, tag)
+
+        SqlAlchemyStore.set_experiment_tag = the_other_run_tagged_it_meanwhile
+        run = Tracker(True, run_name="second", system_metrics=False)
+        run.log_metrics({"loss/stage_1": 1.0}, 1)
+        run.finish()
+        print("RUN", run.run_id, len(calls))
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "RUN " in out.stdout, out.stderr[-3000:]
+    assert WARNING not in out.stderr, out.stderr[-3000:]
+    run_id, calls = out.stdout.split("RUN ")[1].split()
+    assert run_id != "None" and int(calls) == 2  # the failed insert and the retry
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [m.value for m in client.get_metric_history(run_id, "loss/stage_1")] == [1.0]
+
+
 def test_default_local_store_and_no_server_at_start(tmp_path):
     """No MLFLOW_TRACKING_URI: sqlite:///mlflow.db in the working directory. A server that is not
     there at the start: one warning, nothing raised, quickly."""
