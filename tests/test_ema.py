@@ -5,24 +5,13 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from bench.ema_speed import warmed_up_ema  # AveragedModel's update as the trainer had it, the bench's baseline
 from pipeline.ema import WeightAverage
 
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
-
-
-def reference(decay: float) -> callable:
-    """AveragedModel's multi_avg_fn for timm's warmed-up decay, min(decay, (1 + n) / (10 + n))."""
-    @torch.no_grad()
-    def average(averaged, current, num_averaged):
-        if not averaged[0].is_floating_point():
-            torch._foreach_copy_(averaged, current)
-            return
-        n = int(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + n) / (10 + n)))
-    return average
 
 
 def train_a_little(net: nn.Module, steps: int, averages: list) -> None:
@@ -39,7 +28,7 @@ def train_a_little(net: nn.Module, steps: int, averages: list) -> None:
 def test_matches_averaged_model_weights_and_batchnorm_statistics():
     net = small_net()
     ours = WeightAverage(net, decay=0.9)
-    theirs = AveragedModel(net, multi_avg_fn=reference(0.9), use_buffers=True)
+    theirs = AveragedModel(net, multi_avg_fn=warmed_up_ema(0.9), use_buffers=True)
     train_a_little(net, 30, [ours.update, theirs.update_parameters])  # n from 0 past the warm-up's (1+n)/(10+n) = 0.9
 
     state = ours.state_dict()
