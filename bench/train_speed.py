@@ -20,8 +20,8 @@ Rows (a) and (b) take turns in interleaved rounds before and after (c) (this mac
 training step as 3x the forward FLOPs; the peak is a matmul on every core in the same precision.
 
 --levers adds one row per lever against (a), interleaved the same way: micro-batch, for-loop/foreach Adam,
-the EMA update, DeepSpeed's engine (ZeRO 0/1/2, one process), the DALI loader's threads, and the cost of
-the targets alone.
+the EMA update, DeepSpeed's engine (ZeRO 0/1/2, one process), the DALI loader's threads, NCHW input, the cost of
+the targets alone; with --compile, torch.compile (its compile time printed, then its steps).
 """
 from __future__ import annotations
 
@@ -198,9 +198,10 @@ def precision_check(shards: dict, steps: int = 50) -> None:
 
 
 def recipe_loop(cfg, batch: int, loader=None, shards=None, optimizer: dict | None = None, ema: bool = False,
-                zero: int | None = None):
+                zero: int | None = None, compiled: bool = False):
     """One optimizer step of the recipe's model as a plain loop (or DeepSpeed's engine with ZeRO `zero`):
-    random tensors, or batches from the project's DALI `loader`, then targets, forward, loss, backward, step."""
+    random tensors, or batches from the project's DALI `loader`, then targets, forward, loss, backward, step.
+    compiled: the model through torch.compile (its first step compiles, for minutes on 2 cores)."""
     import torch
 
     from pipeline.data import unpack
@@ -217,7 +218,7 @@ def recipe_loop(cfg, batch: int, loader=None, shards=None, optimizer: dict | Non
     # the trainer's optimizer (Adam, fused), or Adam with the given settings (a lever row)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, **optimizer) if optimizer is not None \
         else make_optimizer(cfg, model.parameters())
-    forward = model
+    forward = torch.compile(model) if compiled else model
     if zero is not None:
         import deepspeed
 
@@ -272,8 +273,11 @@ def targets_only(cfg, batch: int):
 def timed_rows(rows: dict, rounds: int, seconds: float, times: dict | None = None) -> dict:
     """Interleaved rounds: each row runs for `seconds`/`rounds` per round; per-step times collected."""
     times = times if times is not None else {k: [] for k in rows}
-    for step, _ in rows.values():
-        step()  # warm-up (oneDNN picks its kernels, DALI fills its queue)
+    for key, (step, _) in rows.items():
+        t0 = time.perf_counter()
+        step()  # warm-up (oneDNN picks its kernels, DALI fills its queue, torch.compile compiles)
+        if time.perf_counter() - t0 > 10:
+            print(f"{key}: first step {time.perf_counter() - t0:.0f} s", flush=True)
     for _ in range(rounds):
         for key, (step, _) in rows.items():
             end = time.perf_counter() + seconds / rounds
@@ -382,6 +386,10 @@ def recipe_main(args) -> None:
         for threads in (1, 2):
             c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_threads=threads))
             rows[f"DALI {threads} thread(s)"] = (recipe_loop(c, batch, loader(c, batch), shards), "plain loop + DALI")
+        nchw = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=False))
+        rows["NCHW input"] = (recipe_loop(nchw, batch), "plain loop, train.channels_last=false")
+        if args.compile:
+            rows["torch.compile"] = (recipe_loop(cfg, batch, compiled=True), "plain loop, the model compiled")
         rows["targets alone"] = (targets_only(cfg, batch), "flip relabel + heatmaps at every stride")
     cores = os.cpu_count()
     print(f"{cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {precision} "
@@ -428,6 +436,7 @@ def main() -> None:
     p.add_argument("--real-steps", type=int, default=150, help="optimizer steps of row (c)")
     p.add_argument("--no-real", action="store_true", help="skip row (c)")
     p.add_argument("--levers", action="store_true", help="one row per lever against (a)")
+    p.add_argument("--compile", action="store_true", help="with --levers: a torch.compile row (compiles for ~5 min)")
     p.add_argument("--profile", action="store_true", help="only: where a step of (a) spends its time, by op and scale")
     p.add_argument("--stacked", action="store_true", help="issue 11's rows (stacked_hg8 / msc_hg at 256) instead")
     p.add_argument("--batch", type=int, default=4, help="with --stacked")
