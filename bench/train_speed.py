@@ -446,6 +446,8 @@ def main() -> None:
                    help="only the bf16-against-fp32 loss check of the first 50 steps (2 ranks, real shards)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
     args = p.parse_args()
+    if args.compile and not args.levers:
+        p.error("--compile adds a row to --levers: give both")
     if args.precision_check:
         return precision_check({"train": args.shards})
     if args.stacked:
