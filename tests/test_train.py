@@ -211,6 +211,18 @@ def test_the_stacked_twin_differs_from_the_recipe_only_in_its_model():
     assert asdict(replace(twin, model=recipe.model, name=recipe.name)) == asdict(recipe)
 
 
+def test_the_stacked_twin_costs_the_recipes_flops():
+    """'At equal FLOPs' (the study): a recipe that widens its model must widen the twin with it."""
+    from pipeline.config import load_config
+    from pipeline.model import build_model, count_flops
+
+    flops = {}
+    for name in ("lspet_cpu", "lspet_cpu_stacked"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        flops[name] = count_flops(build_model(cfg.model, 14, cfg.data.input_size), cfg.data.input_size)
+    assert abs(flops["lspet_cpu_stacked"] / flops["lspet_cpu"] - 1) < 0.05, flops
+
+
 def test_slurm_rendezvous_port_is_the_job_scripts_rule(monkeypatch):
     """Under srun without launch/slurm/common.sh, the trainer derives the same MASTER_PORT as the script."""
     import os
