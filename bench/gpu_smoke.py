@@ -3,6 +3,7 @@
     python bench/gpu_smoke.py [--steps 40] [--keep DIR]
 
 One PASS/FAIL line per stage, then a summary table. Stages:
+  model     the full-size model alone on GPU 0 (random input): images/s and FLOP utilisation, the ceiling
   versions  torch / CUDA / NCCL / DALI / DeepSpeed and the visible GPUs (refuses a CPU build of torch)
   shards    the embedded LSPET sample -> shards (train 1-160, val 161-200)
   dali      one validation batch through DALI on the GPU and on the CPU: images on the GPU, uint8, shape;
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,23 +41,73 @@ BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "GH200": 989, "A100": 312, "L40S":
 results: list[tuple[str, bool, str]] = []
 
 
+_last = [time.perf_counter()]
+
+
 def stage(name: str, ok: bool, detail: str) -> bool:
+    now = time.perf_counter()
+    detail = f"{detail} [{now - _last[0]:.0f} s]"  # the stage's wall time, for planning a node's first minutes
+    _last[0] = now
     results.append((name, ok, detail))
     print(f"{'PASS' if ok else 'FAIL'} {name:9s} {detail}", flush=True)
     return ok
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    # the repo first, then whatever PYTHONPATH already holds (an offline node's carried packages, say)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db")
     print("  $ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def versions() -> int:
-    import deepspeed
-    import nvidia.dali
+def model_speed(batch: int = 32) -> None:
+    """The model alone (random input, bf16 autocast, channels-last off): forward + backward + Adam. The
+    ceiling the training path's images/s is measured against."""
     import torch
+
+    from pipeline.config import load_config
+    from pipeline.model import build_model, count_flops
+
+    cfg = load_config(REPO / "configs" / "msc_hg.yaml")
+    model = build_model(cfg.model, 14, cfg.data.input_size)
+    flops = count_flops(model, cfg.data.input_size)
+    model = model.cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device="cuda")
+    times = []
+    for i in range(25):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sum(h.float().square().mean() for h in model(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    rate = batch / (sum(times[5:]) / len(times[5:]))
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    mfu = f"{100 * 3 * flops * rate / (peak * 1e12):.1f} % of {peak} TFLOP/s bf16" if peak else "peak unknown"
+    stage("model", True, f"{cfg.name} alone, batch {batch} at {cfg.data.input_size}: {rate:,.0f} img/s, "
+                         f"{flops / 1e9:.1f} GFLOPs/img forward, MFU {mfu}, peak memory "
+                         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    del model, opt, x
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def versions() -> int:
+    import torch
+
+    try:
+        import deepspeed
+        import nvidia.dali
+    except ImportError as e:
+        stage("versions", False, f"torch {torch.__version__}; cannot import {e.name}: {e}")
+        return 0
 
     if not torch.version.cuda:
         stage("versions", False, f"torch {torch.__version__} is a CPU build: install a CUDA build of torch first "
@@ -207,6 +259,11 @@ def main() -> int:
               "The CPU-runnable parts are in `make test`.")
         return 0
     gpus = versions()
+    try:
+        model_speed()
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        stage("model", False, f"{type(e).__name__}: {e}")
     if not gpus:
         return 1
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="gpu-smoke-"))
@@ -218,14 +275,16 @@ def main() -> int:
              "--range", "161:200", "--overwrite", "--quiet"], tmp)
     if not stage("shards", a.returncode == b.returncode == 0, f"{tmp}/train (160), {tmp}/val (40)"):
         return 1
-    for check in (lambda: dali_gpu_vs_cpu(tmp / "val"), lambda: loader_speed(tmp / "train"),
-                  lambda: train_and_resume(tmp, gpus, args.steps),
-                  lambda: accumulation(tmp) if gpus >= 2 else stage("accum", True, "skipped: needs 2 GPUs"),
-                  lambda: export_and_predict(tmp)):
+    checks = {"dali": lambda: dali_gpu_vs_cpu(tmp / "val"), "loader": lambda: loader_speed(tmp / "train"),
+              "train": lambda: train_and_resume(tmp, gpus, args.steps),
+              "accum": lambda: accumulation(tmp) if gpus >= 2 else stage("accum", True, "skipped: needs 2 GPUs"),
+              "export": lambda: export_and_predict(tmp)}
+    for name, check in checks.items():
         try:
             check()
         except Exception as e:  # noqa: BLE001 - a stage that raises is a FAIL line, the others still run
-            stage(getattr(check, "__name__", "stage"), False, f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+            stage(name, False, f"{type(e).__name__}: {e}")
     print("\n| stage | result | detail |\n|---|---|---|")
     for name, ok, detail in results:
         print(f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |")

@@ -244,6 +244,8 @@ def main(argv=None) -> int:
             from pipeline.data import dali_summary
 
             message = dali_summary(message)
+        elif type(e).__name__ not in ("BadSampleError", "ShardError"):
+            raise  # not bad input but a bug (a CUDA fault, say): its traceback is worth having
         print(f"mshg {args.command}: error: {message}", file=sys.stderr)
         return 1
 

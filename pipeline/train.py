@@ -125,10 +125,21 @@ def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]
     return train, val, extra
 
 
+def aligned_param_groups(params) -> list[dict]:
+    """ZeRO flattens each parameter group into one buffer and gives every parameter back as a view into
+    it. CUDA kernels fault on views that are not 16-byte aligned ("misaligned address" in the first step
+    on an H200, docs/gpu.md), and one 14-float bias (a heatmap head's) shifts all that follow it: so the
+    parameters whose size is a multiple of 16 bytes form one group, and each other one a group of its own."""
+    params = list(params)
+    odd = [p for p in params if p.numel() * p.element_size() % 16]
+    return [{"params": [p for p in params if p.numel() * p.element_size() % 16 == 0]}] + [{"params": [p]} for p in odd]
+
+
 def make_optimizer(cfg: Config, params):
     """Adam fused (one kernel over all tensors, CPU or GPU: 1.15x a step of the CPU recipe at batch 8 in
     bench/train_speed.py --levers), RMSprop foreach (torch has no fused RMSprop)."""
     t = cfg.train
+    params = aligned_param_groups(params)
     if t.optimizer == "rmsprop":  # the stacked-hourglass reference recipe
         return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
