@@ -333,3 +333,23 @@ def test_verify_flags_a_jpeg_cut_short_with_a_fake_end_marker(tmp_path, capsys):
     assert mshg(["verify", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "lspet_000003" in err and "premature end of data segment" in err
+
+
+def test_a_bug_keeps_its_traceback_while_a_bad_sample_is_a_line(monkeypatch, capsys):
+    """A bad sample is the user's input: one line naming it, exit 1. Any other RuntimeError is a bug (on
+    the first GPU, "CUDA error: misaligned address", docs/gpu.md) whose traceback and step the user and we
+    need: `mshg` lets it through instead of shortening it to a line."""
+    import pipeline.cli as cli
+    from pipeline.data import BadSampleError
+
+    def raising(error):
+        def command(args):
+            raise error
+        return command
+
+    monkeypatch.setattr(cli, "cmd_model_info", raising(BadSampleError("shard-000003.tar, key im00042: not a JPEG")))
+    assert mshg(["model-info", "configs/lspet_cpu.yaml"]) == 1
+    assert "shard-000003.tar, key im00042: not a JPEG" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_model_info", raising(RuntimeError("CUDA error: misaligned address")))
+    with pytest.raises(RuntimeError, match="misaligned address"):
+        mshg(["model-info", "configs/lspet_cpu.yaml"])
