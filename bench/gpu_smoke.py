@@ -62,6 +62,14 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def flop_utilisation(forward_flops: float, images_per_s: float, gpu_name: str) -> str:
+    """Training FLOPs (forward x 3: forward + backward) per second against the GPU's dense bf16 peak."""
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu_name), None)
+    if not peak:
+        return "peak unknown"
+    return f"{100 * 3 * forward_flops * images_per_s / (peak * 1e12):.1f} % of {peak} TFLOP/s bf16"
+
+
 def model_speed(batch: int = 32) -> None:
     """The model alone (random input, bf16 autocast, channels-last off): forward + backward + Adam. The
     ceiling the training path's images/s is measured against."""
@@ -88,9 +96,7 @@ def model_speed(batch: int = 32) -> None:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     rate = batch / (sum(times[5:]) / len(times[5:]))
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    mfu = f"{100 * 3 * flops * rate / (peak * 1e12):.1f} % of {peak} TFLOP/s bf16" if peak else "peak unknown"
+    mfu = flop_utilisation(flops, rate, torch.cuda.get_device_name(0))
     stage("model", True, f"{cfg.name} alone, batch {batch} at {cfg.data.input_size}: {rate:,.0f} img/s, "
                          f"{flops / 1e9:.1f} GFLOPs/img forward, MFU {mfu}, peak memory "
                          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -214,9 +220,7 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
     cfg = load_config(REPO / "configs" / "msc_hg.yaml")
     flops = count_flops(build_model(cfg.model, 14, cfg.data.input_size), cfg.data.input_size)
     per_gpu = sum(rate) / len(rate) / gpus
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    mfu = f"{100 * 3 * flops * per_gpu / (peak * 1e12):.1f} % of {peak} TFLOP/s bf16" if peak else "peak unknown"
+    mfu = flop_utilisation(flops, per_gpu, torch.cuda.get_device_name(0))
     stage("train", len(ranks) == gpus, f"{gpus} rank(s), {per_gpu:.0f} img/s per GPU, data wait "
                                        f"{100 * sum(wait) / len(wait):.0f} %, MFU {mfu}, peak memory "
                                        f"{max(memory):.1f} GiB (rank 0); resumed at step {steps}")
