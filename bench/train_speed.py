@@ -3,6 +3,7 @@
     python bench/train_speed.py [--config configs/lspet_cpu.yaml] [--rounds 3] [--seconds 20] [--levers]
     python bench/train_speed.py --stacked [--reference DIR]      # issue 11's rows: stacked_hg8 / msc_hg at 256
     python bench/train_speed.py --precision-check                 # bf16 against fp32, first 50 steps
+    python bench/train_speed.py --zero-stages --ranks 2 --rounds 2 --real-steps 300   # row (c) at ZeRO-2/1/0
 
 Rows on the recipe's model, batch and precision (`train.precision` as the trainer resolves it), with
 every core of the machine:
@@ -442,6 +443,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="with --stacked")
     p.add_argument("--steps", type=int, default=2, help="with --stacked: timed steps per row and round")
     p.add_argument("--reference", default=None, help="with --stacked: a checkout of princeton-vl/pytorch_stacked_hourglass")
+    p.add_argument("--zero-stages", action="store_true",
+                   help="only row (c) at ZeRO-2, 1 and 0, interleaved over --rounds, against ZeRO-2")
     p.add_argument("--precision-check", action="store_true",
                    help="only the bf16-against-fp32 loss check of the first 50 steps (2 ranks, real shards)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
@@ -452,7 +455,30 @@ def main() -> None:
         return precision_check({"train": args.shards})
     if args.stacked:
         return stacked_main(args)
+    if args.zero_stages:
+        return zero_stages_main(args)
     return recipe_main(args)
+
+
+def zero_stages_main(args) -> None:
+    """Row (c), the real `mshg train --ranks N` path, at each ZeRO stage in turns (the machine drifts over
+    minutes): on CPU ranks over gloo the stages differ in how the gradients are reduced, not in the math."""
+    stages = (2, 1, 0)
+    rates, shares = {z: [] for z in stages}, {}
+    for k in range(args.rounds):
+        for z in stages:
+            rate, shares[z], _ = real_path(args.config, args.ranks, args.real_steps, args.shards, *args.overrides,
+                                           f"train.zero_stage={z}")
+            rates[z].append(rate)
+            print(f"round {k + 1}, ZeRO-{z}: {rate:.1f} images/s", flush=True)
+    base = statistics.mean(rates[2])
+    print(f"\n{args.config}, --ranks {args.ranks}, {args.real_steps} steps a run, {args.rounds} round(s)\n"
+          "| ZeRO stage | images/s (each round) | mean | vs ZeRO-2 | backward | step |\n|---|---|---|---|---|---|")
+    for z in stages:
+        mean = statistics.mean(rates[z])
+        print(f"| {z} | {' / '.join(f'{r:.1f}' for r in rates[z])} | {mean:.1f} | {mean / base:.2f}x | "
+              f"{100 * shares[z]['backward']:.0f} % | {100 * shares[z]['step']:.0f} % |")
+    print(f"load average now: {os.getloadavg()[0]:.1f} (other work on the machine skews every row)")
 
 
 def stacked_main(args) -> None:
