@@ -164,6 +164,21 @@ def test_signal_and_resumes_around_an_epoch_end_match_the_uninterrupted_run(lspe
           f"while stopping); resumed 3 times: max weight difference {diff}")
 
 
+def test_zero1_stopped_and_resumed_trains_what_zero2_trains(lspet_shards, tmp_path, reference):
+    """The CPU recipe runs ZeRO-1 (its gradients reduced once after the backward: faster over gloo than
+    ZeRO-2's per-bucket reductions, docs/results.md). The stage must change the speed only: stopped at
+    step 4 (inside epoch 0) and resumed to the end, ZeRO-1 equals the uninterrupted ZeRO-2 reference in
+    MLflow value for value and in its final weights bit for bit."""
+    cfg = config(tmp_path, lspet_shards, zero_stage=1)
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
+    code, out = train(tmp_path, cfg, "stop.max_steps=4")
+    assert code == 0, out[-4000:]
+    code, out = train(tmp_path, cfg)
+    assert code == 0 and "resumed at step 4" in out, out[-4000:]
+    assert history(tmp_path)[1].data.tags["zero_stage"] == "1"
+    assert_same_as_reference(tmp_path, reference())
+
+
 def test_two_rank_resume_at_an_epoch_end_is_exact(two_rank_run, lspet_shards, mpii_shards, tmp_path):
     """2 ranks, ZeRO-3, RMSprop under a cosine schedule over the 6 steps, 2 micro-batches accumulated,
     two datasets mixed (conftest.two_rank_config): stopped at the end of LSPET's epoch 0 by
