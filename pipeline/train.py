@@ -363,7 +363,8 @@ class Trainer:
                                                           self.cfg.data.sigma, self.cfg.train.channels_last)
             with phase("forward"):
                 predictions = self.engine(x)
-                loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides)
+                loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides,
+                                                self.cfg.train.loss_fg_weight)
             with phase("backward"):  # DeepSpeed's gradient reduction runs in its backward hooks
                 self.engine.backward(loss)
             with phase("step"):  # gradient clipping, the optimizer, ZeRO's all-gather of the updated weights

@@ -80,6 +80,21 @@ def test_invisible_joints_add_no_loss_and_each_module_has_its_loss():
     assert cascade_loss(noisy, heatmaps, weights, STRIDES)[0] > total
 
 
+def test_fg_weight_weighs_errors_near_a_joint_only():
+    kp = torch.tensor([[[50.0, 60.0, 1.0]]])
+    heatmaps, weights = make_targets(kp, SIZE, STRIDES, sigma=2.0)
+    zeros = [torch.zeros(1, 1, SIZE // s, SIZE // s) for s in STRIDES]
+    plain, _ = cascade_loss(zeros, heatmaps, weights, STRIDES)
+    # predicting nothing misses the joint's Gaussian, ~95 % of whose squared mass lies in the disc that counts 11 times
+    ratio = cascade_loss(zeros, heatmaps, weights, STRIDES, fg_weight=10.0)[0] / plain
+    assert 10 < ratio < 11
+    far = [h.clone() for h in (heatmaps[s] for s in STRIDES)]
+    for p in far:
+        p[..., 0, 0] += 1.0  # an error in the background, far from the joint, weighs as before
+    extra = cascade_loss(far, heatmaps, weights, STRIDES)[0]
+    assert torch.isclose(cascade_loss(far, heatmaps, weights, STRIDES, fg_weight=10.0)[0], extra)
+
+
 def test_flip_swaps_left_and_right_joints_only_for_flipped_samples():
     kp = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     out = swap_flipped(kp, torch.tensor([0.0, 1.0]), [1, 0, 2, 3])
