@@ -129,17 +129,20 @@ def aligned_param_groups(params) -> list[dict]:
     """ZeRO flattens each parameter group into one buffer and gives every parameter back as a view into
     it. CUDA kernels fault on views that are not 16-byte aligned ("misaligned address" in the first step
     on an H200, docs/gpu.md), and one 14-float bias (a heatmap head's) shifts all that follow it: so the
-    parameters whose size is a multiple of 16 bytes form one group, and each other one a group of its own."""
+    parameters whose size is a multiple of 16 bytes form one group, and each other one a group of its own.
+    GPUs only: CPU kernels take unaligned views, and ZeRO's step costs per group (the stacked twin's
+    75 channels make ~half its tensors odd: 3.5x slower steps on the CPU, docs/results.md)."""
     params = list(params)
     odd = [p for p in params if p.numel() * p.element_size() % 16]
     return [{"params": [p for p in params if p.numel() * p.element_size() % 16 == 0]}] + [{"params": [p]} for p in odd]
 
 
-def make_optimizer(cfg: Config, params):
+def make_optimizer(cfg: Config, params, align_views: bool = False):
     """Adam fused (one kernel over all tensors, CPU or GPU: 1.15x a step of the CPU recipe at batch 8 in
     bench/train_speed.py --levers), RMSprop foreach (torch has no fused RMSprop)."""
     t = cfg.train
-    params = aligned_param_groups(params)
+    if align_views:
+        params = aligned_param_groups(params)
     if t.optimizer == "rmsprop":  # the stacked-hourglass reference recipe
         return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
@@ -173,13 +176,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def build_engine(cfg: Config, world: distributed.World, num_joints: int, minutes):
+def build_engine(cfg: Config, world: distributed.World, num_joints: int, minutes, align_views: bool | None = None):
     """The model, its optimizer and learning-rate schedule (over `minutes()` when the budget is in time),
-    in DeepSpeed's engine."""
+    in DeepSpeed's engine; parameters 16-byte aligned on a GPU (`aligned_param_groups`) unless `align_views`
+    says otherwise."""
     import deepspeed
 
     model = build_model(cfg.model, num_joints, cfg.data.input_size)
-    optimizer = make_optimizer(cfg, model.parameters())
+    if align_views is None:
+        align_views = world.device.type == "cuda"
+    optimizer = make_optimizer(cfg, model.parameters(), align_views)
     # the GPU this rank uses (distributed.gpu_index), not DeepSpeed's default cuda:LOCAL_RANK, which
     # does not exist where a site binds one GPU to each task
     device_rank = argparse.Namespace(device_rank=world.device.index) if world.device.type == "cuda" else None
