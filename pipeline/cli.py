@@ -80,6 +80,18 @@ def at_least_one(text: str) -> int:
     return value
 
 
+def zoom_factors(text: str) -> list[float]:
+    """argparse type of --scales: comma-separated zoom factors, e.g. 0.9,1,1.15."""
+    try:
+        return [float(f) for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected zoom factors such as 0.9,1,1.15; got {text!r}") from None
+
+
+SCALES_HELP = ("the multi-scale test's zoom factors instead of the run's eval.scales, e.g. 0.9,1,1.15 "
+               "(1: one scale; each factor is another pass)")
+
+
 def cmd_evaluate(args) -> int:
     from pipeline import evaluate
 
@@ -177,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode from the mean of these modules' heatmaps (1-based) instead of the run's eval.modules")
     p.add_argument("--dark-kernel", type=int, default=None, metavar="K",
                    help="sub-pixel decoding instead of the run's eval.dark_kernel: 0 quarter-pixel, odd K >= 3 DARK")
+    p.add_argument("--scales", type=zoom_factors, default=None, metavar="F,G,...", help=SCALES_HELP)
     p.add_argument("--photos", choices=("boxes", "bare"), default=None,
                    help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
                         "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
@@ -191,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; images without one are searched (--passes)")
     p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
+    p.add_argument("--scales", type=zoom_factors, default=None, metavar="F,G,...", help=SCALES_HELP)
     p.add_argument("--passes", type=at_least_one, default=3,
                    help="photos without a box: the 3 surest of the whole photo and its windows, each refined (passes - 1) "
                         "times on the box of the joints found; the surest refined crop wins (default 3)")

@@ -146,6 +146,10 @@ class EvalConfig:
     # sub-pixel decoding: 0, a quarter-pixel shift towards the higher neighbour; an odd size >= 3, DARK
     # (Zhang et al. 2020) with a Gaussian blur of that kernel size in heatmap pixels (mmpose: 11 at sigma 2)
     dark_kernel: int = 0
+    # multi-scale test: the heatmaps of the crop zoomed by each of these factors (< 1 tighter, > 1 wider),
+    # mapped back onto the crop and averaged; [1.0]: one scale. Training's periodic evaluations (the learning
+    # curve, on the training clock) use one scale; its final evaluation, `mshg evaluate` and `predict` these
+    scales: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -261,6 +265,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.modules must list distinct modules 1..{modules}; got {e.modules}")
     if e.dark_kernel != 0 and (e.dark_kernel < 3 or e.dark_kernel % 2 == 0):
         raise ConfigError(f"eval.dark_kernel must be 0 (quarter-pixel offset) or an odd size >= 3; got {e.dark_kernel}")
+    if not e.scales or not all(0.25 <= s <= 4 for s in e.scales):
+        raise ConfigError(f"eval.scales must list one or more zoom factors in [0.25, 4], e.g. [0.9, 1.0, 1.15]; "
+                          f"got {e.scales}")
     if t.resume not in RESUME_MODES:
         raise ConfigError(f"train.resume must be one of {', '.join(RESUME_MODES)}; got {t.resume!r}")
     if t.keep_checkpoints < 1 or t.checkpoint_every < 0:

@@ -156,7 +156,8 @@ def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: E
     kept: list[int] = []
     for batch in loader:
         b = unpack(batch, device)
-        pred = predict_crops(model, b["image"], flip_perm if cfg.flip else None, cfg.modules, cfg.dark_kernel).cpu().numpy()
+        pred = predict_crops(model, b["image"], flip_perm if cfg.flip else None, cfg.modules, cfg.dark_kernel,
+                             cfg.scales).cpu().numpy()
         gt = b["keypoints"].cpu().numpy()
         matrix = b["matrix"].cpu().numpy()
         for i, sid in enumerate(b["sample_id"].view(-1).tolist()):
@@ -190,23 +191,35 @@ def evaluate_shards(model: torch.nn.Module, shards, cfg, batch_size: int, world,
 
 class Validation:
     """Training's evaluations of data.val_shards: `evaluate_shards` on every rank, then rank 0 computes the
-    dataset's metric and logs it, with the prediction grid of the fixed preview images, to MLflow."""
+    dataset's metric and logs it, with the prediction grid of the fixed preview images, to MLflow.
+    The learning curve is measured at one scale: each of eval.scales is another pass over the validation
+    set, on the training clock. The final evaluation adds one with eval.scales, as `mshg evaluate` makes it."""
 
     def __init__(self, shards, cfg, batch_size: int, world, device_id: int | None, tracker, log):
         self.shards, self.cfg, self.batch_size, self.world, self.device_id = shards, cfg, batch_size, world, device_id
+        self.curve_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=[1.0]))
         self.tracker, self.log = tracker, log
 
-    def run(self, model: torch.nn.Module, step: int, minutes: float) -> dict | None:
-        """The metrics on rank 0, None on the other ranks."""
-        merged = evaluate_shards(model, self.shards, self.cfg, self.batch_size, self.world, self.device_id)
+    def run(self, model: torch.nn.Module, step: int, minutes: float, final: bool = False) -> dict | None:
+        """The metrics on rank 0 (the final run's: with eval.scales), None on the other ranks."""
+        merged = evaluate_shards(model, self.shards, self.curve_cfg, self.batch_size, self.world, self.device_id)
+        metrics = self.report(merged, "")
+        if merged is not None:
+            self.tracker.log_metrics({**tracked_metrics(metrics, self.shards.joints), "minutes": minutes}, step)
+            self.tracker.log_image(prediction_grid(merged, skeleton=self.shards.skeleton),
+                                   f"predictions/step_{step:06d}.png")
+        if final and self.cfg.eval.scales != [1.0]:
+            merged = evaluate_shards(model, self.shards, self.cfg, self.batch_size, self.world, self.device_id)
+            metrics = self.report(merged, f"with the multi-scale test (eval.scales {self.cfg.eval.scales}): ")
+        return metrics
+
+    def report(self, merged: dict | None, label: str) -> dict | None:
         if merged is None:
             return None
         metrics = summarise(merged, self.shards)
         if len(merged) != self.shards.num_samples:
             self.log(f"warning: evaluated {len(merged)} of {self.shards.num_samples} validation samples")
-        self.log(format_pck(metrics, self.shards.joints))
-        self.tracker.log_metrics({**tracked_metrics(metrics, self.shards.joints), "minutes": minutes}, step)
-        self.tracker.log_image(prediction_grid(merged, skeleton=self.shards.skeleton), f"predictions/step_{step:06d}.png")
+        self.log(label + format_pck(metrics, self.shards.joints))
         return metrics
 
 
@@ -347,7 +360,8 @@ def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None
 def describe_eval(cfg: EvalConfig, modules: int) -> str:
     chosen = ", ".join(str(m) for m in cfg.modules) if cfg.modules else str(modules)
     decoding = f"DARK decoding (kernel {cfg.dark_kernel})" if cfg.dark_kernel else "quarter-pixel decoding"
-    return f"flip test {'on' if cfg.flip else 'off'}, heatmaps of module {chosen}, {decoding}"
+    scales = "one scale" if list(cfg.scales) == [1.0] else "zooms " + ", ".join(f"{s:g}" for s in cfg.scales)
+    return f"flip test {'on' if cfg.flip else 'off'}, {scales}, heatmaps of module {chosen}, {decoding}"
 
 
 def main(args) -> int:
@@ -369,6 +383,8 @@ def main(args) -> int:
         eval_cfg = dataclasses.replace(eval_cfg, modules=modules)
     if getattr(args, "dark_kernel", None) is not None:
         eval_cfg = dataclasses.replace(eval_cfg, dark_kernel=args.dark_kernel)
+    if getattr(args, "scales", None):
+        eval_cfg = dataclasses.replace(eval_cfg, scales=args.scales)
     cfg = dataclasses.replace(cfg, eval=eval_cfg)
     validate(cfg)  # the overrides too
     photos = getattr(args, "photos", None)

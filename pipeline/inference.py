@@ -99,28 +99,45 @@ def fuse_heatmaps(outputs: list[torch.Tensor], strides: list[int], modules: list
     return torch.stack(maps).mean(0), stride
 
 
+def zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, C, H, W) -> the same size, sampled at `factor` times each point's distance from the centre
+    (bilinear, zeros outside): factor < 1 enlarges the middle, > 1 shrinks the whole into the middle."""
+    theta = torch.tensor([[factor, 0.0, 0.0], [0.0, factor, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def crop_heatmaps(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
-                  modules: list[int] = ()) -> tuple[torch.Tensor, int]:
+                  modules: list[int] = (), scales: list[float] = (1.0,)) -> tuple[torch.Tensor, int]:
     """uint8 crops (B, S, S, 3) -> (heatmaps (B, J, H, W) in float32, their stride), in fp32.
 
     With `flip_perm` (the dataset's left/right permutation), the flip test: the mirrored crops go
     through the model too, their heatmaps are mirrored back, left and right joints swapped, and the
     two are averaged. Mirroring pixel i to S-1-i maps continuous x to S - x, and heatmap cell k
-    (centre (k + 0.5) * stride) to cell W-1-k, so the two heatmaps line up without a shift."""
-    x = to_model_input(images)
-    heatmaps, stride = fuse_heatmaps(model(x), model.strides, list(modules))
-    if flip_perm is not None:
-        flipped, _ = fuse_heatmaps(model(torch.flip(x, dims=[3])), model.strides, list(modules))
-        flipped = torch.flip(flipped, dims=[3])[:, list(flip_perm)]
-        heatmaps = (heatmaps + flipped) * 0.5
-    return heatmaps, stride
+    (centre (k + 0.5) * stride) to cell W-1-k, so the two heatmaps line up without a shift.
+
+    Each of `scales` (the multi-scale test) zooms the crop about its centre (black outside, as a crop
+    past the photo's border is), and its heatmaps are zoomed back by the inverse factor onto the crop's
+    own frame before the average."""
+    total = 0.0
+    for factor in scales:
+        zoomed = images if factor == 1 else \
+            zoom(images.permute(0, 3, 1, 2).float(), factor).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        x = to_model_input(zoomed)
+        heatmaps, stride = fuse_heatmaps(model(x), model.strides, list(modules))
+        if flip_perm is not None:
+            flipped, _ = fuse_heatmaps(model(torch.flip(x, dims=[3])), model.strides, list(modules))
+            flipped = torch.flip(flipped, dims=[3])[:, list(flip_perm)]
+            heatmaps = (heatmaps + flipped) * 0.5
+        total = total + (heatmaps if factor == 1 else zoom(heatmaps, 1 / factor))
+    return total / len(scales), stride
 
 
 def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[int] | None = None,
-                  modules: list[int] = (), dark_kernel: int = 0) -> torch.Tensor:
+                  modules: list[int] = (), dark_kernel: int = 0, scales: list[float] = (1.0,)) -> torch.Tensor:
     """uint8 crops (B, S, S, 3) -> keypoints (B, J, 3) in crop coordinates: x, y and the peak score."""
-    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules), dark_kernel=dark_kernel)
+    return decode_heatmaps(*crop_heatmaps(model, images, flip_perm, modules, scales), dark_kernel=dark_kernel)
 
 
 BOX_SCORE = 0.1  # joints of a pass whose peak is at least this share of the best one frame the next
@@ -176,7 +193,7 @@ def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: 
     crops, matrices = zip(*(crop(image, box, size, padding) for image, box in zip(images, boxes)))
     device = next(model.parameters()).device
     keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm, cfg.eval.modules,
-                              cfg.eval.dark_kernel).cpu()
+                              cfg.eval.dark_kernel, cfg.eval.scales).cpu()
     xy = crop_to_original(keypoints[..., :2], torch.from_numpy(np.stack(matrices)))
     return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
 

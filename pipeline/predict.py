@@ -6,14 +6,14 @@ box given in `--boxes` (JSON {image path: [x0, y0, w, h]}), or, for a photo with
 to fine: a first pass on the whole photo and a grid of windows; the 3 crops the model is surest of are
 each refined twice on the box of the joints found, cropped like a validation box, and the surest refined
 crop is the answer (`--passes`, default 3; 1: the first pass only; pipeline.inference's FIRST_PASS_KEEP
-and PASS_GROWS). Images go
-through the model in batches (`--batch-size`), with the flip test unless `--no-flip`, decoded from
-the modules the run's `eval.modules` names. Unreadable images are reported by name and skipped; the
-rest go on.
+and PASS_GROWS). Images go through the model in batches (`--batch-size`), with the flip test unless
+`--no-flip` and the run's multi-scale test (`eval.scales`, or `--scales`), decoded from the modules the
+run's `eval.modules` names. Unreadable images are reported by name and skipped; the rest go on.
 `--overlay DIR` also writes each image with its predicted skeleton drawn (DIR/<name>.jpg).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.config import validate
 from pipeline.inference import inference_device, predict_images, read_image
 from pipeline.plots import draw_skeleton
 from pipeline.weights import load_trained
@@ -47,6 +48,9 @@ def write_overlay(path: Path, image: np.ndarray, keypoints: list, skeleton=None)
 
 def main(args) -> int:
     model, cfg, meta = load_trained(args.checkpoint, inference_device(getattr(args, "device", "auto")))
+    if getattr(args, "scales", None):
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=args.scales))
+        validate(cfg)
     boxes = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
     flip_perm = None if getattr(args, "no_flip", False) else flip_permutation(len(meta["joints"]), meta["flip_pairs"])
     overlay_dir = Path(args.overlay) if getattr(args, "overlay", None) else None

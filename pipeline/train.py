@@ -414,9 +414,9 @@ class Trainer:
         if self.step % (10 * self.cfg.train.log_every) == 0 or self.step == 1:
             self.log(step_line(self.step, losses, metrics))
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, final: bool = False) -> dict | None:
         return self.validation.run(evaluated_model(self.engine.module, self.ema, self.world), self.step,
-                                   self.minutes) if self.validation else None
+                                   self.minutes, final) if self.validation else None
 
     def save_checkpoint(self):
         if self.checkpointer.saved_step == self.step:  # e.g. checkpoint_every fell on the last step
@@ -447,7 +447,7 @@ class Trainer:
             return EXIT_REQUEUE
         # fp32 weights of the final checkpoint (the weight average when there is one) -> runs/NAME/model.safetensors
         weights = export_zero_checkpoint(checkpoint, self.folder.path / WEIGHTS_FILE) if self.world.is_main else None
-        metrics = self.evaluate()
+        metrics = self.evaluate(final=True)
         if self.world.is_main:
             publish_run(self.cfg, self.folder, self.tracker, metrics, checkpoint, weights, reason, self.step, seconds,
                         len(self.strides))

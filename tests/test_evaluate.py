@@ -124,6 +124,47 @@ def test_flip_test_is_left_right_consistent():
     np.testing.assert_allclose(b[0, :, 0].numpy(), 32 - a[0, LSP_FLIP, 0].numpy(), atol=1e-5)
 
 
+class BlobModel(torch.nn.Module):
+    """A stand-in whose two joints' heatmaps are the red channel, pooled to stride 4: the peak is where the
+    image's red blob is, so the multi-scale test's geometry can be checked without training."""
+    strides = [4]
+
+    def forward(self, x):
+        red = torch.nn.functional.avg_pool2d(x[:, :1], 4)
+        return [torch.cat([red, red], 1)]
+
+
+def test_multi_scale_test_maps_each_zoom_back_onto_the_crop():
+    """A red blob off the centre of a 96-px crop (at 70, 30): every zoom (0.8: tighter, 1.25: wider) moves it
+    in the zoomed crop (to ~75.5, ~24.5 and ~65.6, ~33.6), and its heatmaps zoomed back put it where it is in
+    the crop, alone and averaged; zooming back by the factor instead of its inverse would not."""
+    from pipeline.inference import zoom
+
+    yy, xx = torch.meshgrid(torch.arange(96) + 0.5, torch.arange(96) + 0.5, indexing="ij")
+    blob = 255 * torch.exp(-((xx - 70) ** 2 + (yy - 30) ** 2) / (2 * 4.0 ** 2))
+    image = torch.stack([blob, torch.zeros_like(blob), torch.zeros_like(blob)], -1).round().to(torch.uint8)[None]
+    model = BlobModel()
+    for scales in ([1.0], [0.8], [1.25], [0.8, 1.0, 1.25]):
+        heatmaps, stride = crop_heatmaps(model, image, scales=scales)
+        xy = decode_heatmaps(heatmaps, stride)[0, 0, :2]
+        assert (xy - torch.tensor([70.0, 30.0])).abs().max() <= 1.5, (scales, xy)
+    zoomed = zoom(image.permute(0, 3, 1, 2).float(), 0.8)  # the blob as the 0.8 pass sees it
+    wrong = zoom(torch.nn.functional.avg_pool2d(zoomed[:, :1], 4), 0.8)  # zoomed back the wrong way
+    assert (decode_heatmaps(wrong, 4)[0, 0, :2] - torch.tensor([70.0, 30.0])).abs().max() > 5
+
+
+def test_eval_scales_are_checked_and_cli_flags_override_them(capsys):
+    from pipeline.config import ConfigError, load_config
+
+    assert load_config(None, ["eval.scales=[0.9,1,1.15]"]).eval.scales == [0.9, 1.0, 1.15]
+    for bad in ("[]", "[0]", "[1,8]"):
+        with pytest.raises(ConfigError, match="eval.scales must list one or more zoom factors"):
+            load_config(None, [f"eval.scales={bad}"])
+    with pytest.raises(SystemExit):
+        mshg(["evaluate", "--checkpoint", "x", "--shards", "y", "--scales", "0.9,big"])
+    assert "expected zoom factors such as 0.9,1,1.15; got '0.9,big'" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def coco_shards(tmp_path_factory):
     if not COCO_MINI.is_dir():

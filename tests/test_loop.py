@@ -72,10 +72,12 @@ def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tm
     - EMA: the averaged weights (not the last ones) are what is checkpointed and exported; resuming
       continues the average from the checkpoint;
     - bf16: the exported BatchNorm running statistics are fp32 and carry more than bf16's 8-bit mantissa;
-    - the run's final PCK (flip test, fp32, the same function) is the number `mshg evaluate` prints."""
+    - the run's final PCK (flip test, fp32, the multi-scale test of eval.scales, the same function) is the
+      number `mshg evaluate` prints; the learning curve's last point is the one-scale figure
+      (`mshg evaluate --scales 1`). (Whether the zooms map back right: tests/test_evaluate.py.)"""
     cfg = tiny_config(tmp_path, lspet_shards, stop={"max_steps": 3}, train={
         "run_name": "one", "micro_batch": 4, "grad_accum": 3, "ema_decay": 0.9, "precision": "bf16",
-        "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")})
+        "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")}, eval={"scales": [0.8, 1.0, 1.25]})
     proc = train(tmp_path, cfg)
     assert "1 rank(s) on cpu (1 thread(s) each)" in proc.stdout  # train.cpu_threads=1 (conftest.tiny_config)
     assert_accumulated_steps(tmp_path, "one", proc.stdout, ranks=1, micro=4, accum=3, steps=3, zero_stage=1)
@@ -104,9 +106,17 @@ def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tm
     final = run.data.metrics["final/pck"]
     out = tmp_path / "metrics.json"
     capsys.readouterr()
+    assert "with the multi-scale test (eval.scales [0.8, 1.0, 1.25]): PCK@0.2 = " in proc.stdout
     assert mshg(["evaluate", "--checkpoint", str(run_dir), "--shards", str(lspet_shards["val"]), "--out", str(out)]) == 0
-    assert "flip test on" in capsys.readouterr().out
+    assert "flip test on, zooms 0.8, 1, 1.25," in capsys.readouterr().out
     assert json.loads(out.read_text())["value"] == pytest.approx(final, abs=1e-9)
+    curve = client.get_metric_history(run.info.run_id, "pck")
+    assert curve[-1].step == 4
+    assert mshg(["evaluate", "--checkpoint", str(run_dir), "--shards", str(lspet_shards["val"]), "--out", str(out),
+                 "--scales", "1"]) == 0
+    assert "flip test on, one scale," in capsys.readouterr().out
+    one_scale = json.loads(out.read_text())["value"]
+    assert one_scale == pytest.approx(curve[-1].value, abs=1e-9)
 
 
 # --- device and launcher ------------------------------------------------------------------------------
