@@ -1,0 +1,74 @@
+"""Test-time variants a trained run was scored with before `eval.scales` existed: crops re-cut from each
+validation photograph (with its box) at other paddings and input sizes, one crop or several averaged.
+
+    python bench/test_time_variants.py runs/NAME [--shards runs/shards/lspet-val] [--size 96] 1.25 1.15 1.1,1.25,1.45
+
+Each positional argument is one variant: a comma-separated list of paddings (crop side = padding x the box's
+longer side); a list of several re-cuts the photo at each, and their heatmaps (flip test, the run's modules) are
+resampled onto the first padding's crop and averaged before decoding, as the multi-scale test of the
+literature does. `mshg evaluate --photos boxes --scales` scores the product's cheaper version: zooms of the one
+crop (docs/results.md, "Recipe r8"). Prints PCK@0.2 per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.evaluate import SampleResult, photo_samples, summarise
+from pipeline.inference import crop, crop_heatmaps, crop_to_original, decode_heatmaps
+from pipeline.weights import load_trained
+from shards.format import ShardSet
+
+IDENTITY = np.array([[1, 0, 0], [0, 1, 0]], np.float32)  # results in original pixels
+
+
+def score(model, cfg, shards, images, samples, size: int, paddings: list[float], batch: int = 16) -> float:
+    flip, base = shards.flip_permutation(), paddings[0]
+    results = {}
+    for lo in range(0, len(samples), batch):
+        chunk = range(lo, min(lo + batch, len(samples)))
+        total = 0.0
+        for padding in paddings:
+            crops = np.stack([crop(images[i], samples[i][3], size, padding)[0] for i in chunk])
+            heatmaps, stride = crop_heatmaps(model, torch.from_numpy(crops), flip, cfg.eval.modules)
+            s = base / padding  # a point of the base crop, in this crop's normalised coordinates
+            theta = torch.tensor([[s, 0.0, 0.0], [0.0, s, 0.0]]).expand(len(heatmaps), 2, 3)
+            grid = F.affine_grid(theta, list(heatmaps.shape), align_corners=False)
+            total = total + F.grid_sample(heatmaps, grid, mode="bilinear", align_corners=False)
+        keypoints = decode_heatmaps(total / len(paddings), stride, cfg.eval.dark_kernel)
+        matrices = torch.from_numpy(np.stack([crop(images[i], samples[i][3], size, base)[1] for i in chunk]))
+        xy = crop_to_original(keypoints[..., :2], matrices)
+        for k, i in enumerate(chunk):
+            pred = torch.cat([xy[k], keypoints[k, :, 2:]], -1).numpy()
+            results[samples[i][0]] = SampleResult(pred, samples[i][2], IDENTITY)
+    return summarise(results, shards)["value"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("variants", nargs="+", help="paddings, e.g. 1.25 or 1.1,1.25,1.45")
+    p.add_argument("--shards", default="runs/shards/lspet-val")
+    p.add_argument("--size", type=int, default=None, help="input size (a multiple of 32); default the run's")
+    args = p.parse_args()
+    model, cfg, _ = load_trained(args.checkpoint, "cpu")
+    shards = ShardSet.open(args.shards)
+    samples = list(photo_samples(shards))
+    images = [cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+              for _, data, _, _ in samples]
+    size = args.size or cfg.data.input_size
+    for variant in args.variants:
+        paddings = [float(x) for x in variant.split(",")]
+        t0 = time.time()
+        pck = score(model, cfg, shards, images, samples, size, paddings)
+        print(f"{args.checkpoint}: input {size}, paddings {variant}: PCK@0.2 = {100 * pck:.2f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
