@@ -17,10 +17,9 @@ import time
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.evaluate import SampleResult, photo_samples, summarise
-from pipeline.inference import crop, crop_heatmaps, crop_to_original, decode_heatmaps
+from pipeline.inference import crop, crop_heatmaps, crop_to_original, decode_heatmaps, zoom
 from pipeline.weights import load_trained
 from shards.format import ShardSet
 
@@ -36,10 +35,8 @@ def score(model, cfg, shards, images, samples, size: int, paddings: list[float],
         for padding in paddings:
             crops = np.stack([crop(images[i], samples[i][3], size, padding)[0] for i in chunk])
             heatmaps, stride = crop_heatmaps(model, torch.from_numpy(crops), flip, cfg.eval.modules)
-            s = base / padding  # a point of the base crop, in this crop's normalised coordinates
-            theta = torch.tensor([[s, 0.0, 0.0], [0.0, s, 0.0]]).expand(len(heatmaps), 2, 3)
-            grid = F.affine_grid(theta, list(heatmaps.shape), align_corners=False)
-            total = total + F.grid_sample(heatmaps, grid, mode="bilinear", align_corners=False)
+            # a point of the base crop lies at base / padding times its distance from this crop's centre
+            total = total + zoom(heatmaps, base / padding)
         keypoints = decode_heatmaps(total / len(paddings), stride, cfg.eval.dark_kernel)
         matrices = torch.from_numpy(np.stack([crop(images[i], samples[i][3], size, base)[1] for i in chunk]))
         xy = crop_to_original(keypoints[..., :2], matrices)
