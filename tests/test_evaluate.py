@@ -41,6 +41,24 @@ def test_pck_hand_computed():
     assert m["per_joint"][4] == 1.0  # one labelled, correct
 
 
+def test_error_bands_count_a_left_right_swap_and_agree_with_pck():
+    from bench.error_bands import bands
+    gt = np.ones((4, 14, 3))
+    gt[..., 0], gt[..., 1] = 50.0 * np.arange(14), 300.0  # joints 50 px apart: no mirror within 0.2
+    gt[:, 9, :2], gt[:, 2, :2] = (0, 0), (60, 80)  # torso 100 px: 0.2 = 20 px
+    pred = gt.copy()
+    pred[0, 6, :2] = gt[0, 11, :2] + 5  # right wrist predicted on the left wrist: a swapped miss
+    pred[1, 0, 1] += 25  # a near miss (0.25): in the 0.3 band, no swap
+    pred[2, 7, 1] += 45  # a miss between 0.3 and 0.5
+    gt[3, 6, 2] = 0  # unlabelled: not scored
+    out = bands(pred, gt, LSP_FLIP)
+    assert out["swapped"][6] == pytest.approx(1 / 3) and out["swapped"].sum() == pytest.approx(1 / 3)
+    assert out["0.2"][0] == pytest.approx(0.75) and out["0.3"][0] == 1.0
+    assert out["0.3"][7] == pytest.approx(0.75) and out["0.5"][7] == 1.0
+    weights = out["count"] / out["count"].sum()
+    assert (out["0.2"] * weights).sum() == pytest.approx(pck(pred, gt)["pck"])
+
+
 def test_pckh_official_head_normalisation_and_mean():
     # head box 30 x 40: diagonal 50, head size 0.6 * 50 = 30, PCKh@0.5 threshold 15 px
     gt = np.zeros((3, 16, 3))
