@@ -59,6 +59,37 @@ def test_error_bands_count_a_left_right_swap_and_agree_with_pck():
     assert (out["0.2"] * weights).sum() == pytest.approx(pck(pred, gt)["pck"])
 
 
+def test_side_check_flags_a_mirrored_person_and_writes_its_labels_swapped(tmp_path):
+    import scipy.io
+
+    from bench.side_check import flagged_ids, pair_votes, write_fixed
+    pairs = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
+    gt = np.ones((14, 3))
+    gt[:, 0], gt[:, 1] = 50.0 * np.arange(14), 300.0
+    gt[9, :2], gt[2, :2] = (0, 0), (60, 80)  # torso 100 px
+    mirrored = gt[LSP_FLIP]  # every pair predicted on the other side's truth
+    one_limb = gt.copy()
+    one_limb[11, :2] = gt[6, :2]  # both wrists on the right wrist: a miss, but no whole-person swap
+    assert pair_votes(gt, gt, pairs) == (0, 6)
+    assert pair_votes(mirrored, gt, pairs) == (6, 0)
+    assert pair_votes(one_limb, gt, pairs) == (0, 5)
+    no_torso = gt.copy()
+    no_torso[9, 2] = 0
+    assert pair_votes(mirrored, no_torso, pairs) is None
+    results = {3: SampleResult(mirrored, gt, None), 4: SampleResult(one_limb, gt, None),
+               5: SampleResult(mirrored, no_torso, None)}
+    flagged, histogram = flagged_ids(results, pairs)
+    assert flagged == [3] and histogram.tolist() == [1, 0, 0, 0, 0, 0, 1]
+    joints = np.random.default_rng(0).uniform(0, 100, (14, 3, 5))
+    (tmp_path / "lspet" / "images").mkdir(parents=True)
+    scipy.io.savemat(tmp_path / "lspet" / "joints.mat", {"joints": joints})
+    write_fixed(str(tmp_path / "lspet"), str(tmp_path / "fixed"), flagged, pairs)
+    fixed = scipy.io.loadmat(tmp_path / "fixed" / "joints.mat")["joints"]
+    assert np.array_equal(fixed[:, :, 2], joints[LSP_FLIP, :, 2])  # image 3 is column 2
+    assert np.array_equal(np.delete(fixed, 2, axis=2), np.delete(joints, 2, axis=2))
+    assert (tmp_path / "fixed" / "images").resolve() == (tmp_path / "lspet" / "images").resolve()
+
+
 def test_pckh_official_head_normalisation_and_mean():
     # head box 30 x 40: diagonal 50, head size 0.6 * 50 = 30, PCKh@0.5 threshold 15 px
     gt = np.zeros((3, 16, 3))
