@@ -27,6 +27,7 @@ import scipy.io
 
 from pipeline.evaluate import LSP_TORSO, evaluate_photos
 from pipeline.weights import load_trained
+from shards.datasets import _load_mat_joints
 from shards.format import ShardSet
 
 MARGIN = 0.2  # torso units: PCK's own threshold
@@ -67,7 +68,9 @@ def flagged_ids(results: dict, pairs) -> tuple[list[int], np.ndarray]:
 
 def write_fixed(fix_root: str, out: str, flagged: list[int], pairs) -> None:
     """OUT/joints.mat: fix_root's LSPET joints (14, 3, N) with the flagged images' pairs swapped."""
-    joints = scipy.io.loadmat(os.path.join(fix_root, "joints.mat"))["joints"].copy()
+    joints = _load_mat_joints(os.path.join(fix_root, "joints.mat"))  # a missing/damaged file: an error naming it
+    if joints.ndim != 3 or joints.shape[:2] != (14, 3):
+        raise SystemExit(f"{fix_root}/joints.mat: joints of shape {joints.shape}, expected LSPET's (14, 3, N)")
     for idx in flagged:
         for i, j in pairs:
             joints[[i, j], :, idx - 1] = joints[[j, i], :, idx - 1]
