@@ -85,21 +85,22 @@ def main() -> None:
         r["at_half"] = at([(m, v) for m, _, v in c], half_min)
         r["at_end"] = at([(m, v) for m, _, v in c], end_min)
         r["at_images"] = at([(i, v) for _, i, v in c], equal_images)
-    lines = [BEGIN, "", f"| run | model | params (M) | GFLOPs | images/s | steps | images seen | PCK@0.2 at the end | "
-             f"at {half_min:.1f} min | at {end_min:.1f} min | at {equal_images:,} images |",
+    # the curve is the periodic evaluations (one scale); the final evaluation uses the run's eval settings
+    lines = [BEGIN, "", f"| run | model | params (M) | GFLOPs | images/s | steps | images seen | final evaluation "
+             f"(eval.scales) | curve at {half_min:.1f} min | at {end_min:.1f} min | at {equal_images:,} images |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['model']} | {r['params']:.2f} | {r['gflops']:.3f} | {r['img_s']:.1f} | "
                      f"{r['steps']} | {r['images']:,} | {100 * r['pck']:.1f} | {100 * r['at_half']:.1f} | "
                      f"{100 * r['at_end']:.1f} | {100 * r['at_images']:.1f} |")
-    lines += ["", "Per joint (PCK@0.2, flip test, at the end):", "",
+    lines += ["", "Per joint (PCK@0.2 at the final evaluation):", "",
               "| run | " + " | ".join(joints) + " |", "|---|" + "---|" * len(joints)]
     for r in rows:
         lines.append(f"| {r['run']} | " + " | ".join(f"{100 * r['per_joint'][j]:.1f}" for j in joints) + " |")
     by_model: dict[str, list[dict]] = {}
     for r in rows:
         by_model.setdefault(r["model"], []).append(r)
-    lines += ["", "Mean over seeds, PCK@0.2 %:", ""]
+    lines += ["", "Mean over seeds, PCK@0.2 % of the curve (periodic evaluations, one scale, flip test):", ""]
     for label, key in ((f"at {end_min:.1f} min (equal wall time)", "at_end"),
                        (f"at {equal_images:,} images (equal samples)", "at_images")):
         lines.append(f"- {label}: " + "; ".join(f"{m} {spread([r[key] for r in rs])}" for m, rs in by_model.items()))
