@@ -90,6 +90,30 @@ def test_side_check_flags_a_mirrored_person_and_writes_its_labels_swapped(tmp_pa
     assert (tmp_path / "fixed" / "images").resolve() == (tmp_path / "lspet" / "images").resolve()
 
 
+def test_pair_redecode_moves_a_double_counted_joint_to_its_second_peak_only():
+    import torch
+
+    from bench.pair_redecode import pair_outcomes, separate_pairs
+    maps = torch.zeros(3, 4, 16, 16)  # joints 0/1 a pair, 2/3 a pair
+    maps[:, 0, 5, 5], maps[:, 1, 5, 6] = 1.0, 0.8  # both peaks on one spot: joint 1 (lower) is double counted
+    maps[0, 1, 12, 12] = 0.5  # image 0: joint 1 has a second peak elsewhere, 0.62 of its own
+    maps[1, 1, 12, 12] = 0.1  # image 1: a weak one, 0.12 of its own
+    maps[:, 2, 2, 2], maps[:, 3, 2, 10] = 1.0, 1.0  # a pair far apart: left alone
+    out = separate_pairs(maps, [(0, 1), (2, 3)], radius=1, alpha=0.5)
+    assert out[0, 1].argmax() == 12 * 16 + 12  # re-decoded at its second peak
+    assert torch.equal(out[1], maps[1]) and torch.equal(out[2], maps[2])  # too weak / none: kept
+    assert torch.equal(out[:, [0, 2, 3]], maps[:, [0, 2, 3]])  # only the lower joint of the close pair changes
+    assert separate_pairs(maps, [(0, 1)], radius=0, alpha=0.0)[0, 1].argmax() == 5 * 16 + 6  # 1 cell apart > 0
+    gt = np.ones((1, 14, 3))
+    gt[..., 0], gt[..., 1] = 50.0 * np.arange(14), 300.0
+    gt[0, 9, :2], gt[0, 2, :2] = (0, 0), (60, 80)  # torso 100 px
+    pred = gt.copy()
+    pred[0, 11, :2] = gt[0, 6, :2]  # both wrists on the right wrist: a double count
+    pred[0, 7, :2], pred[0, 10, :2] = gt[0, 10, :2], gt[0, 7, :2]  # the elbows exchanged: a full swap
+    pairs = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
+    assert pair_outcomes(pred, gt, pairs) == {"both hit": 4, "double count": 1, "full swap": 1, "other": 0}
+
+
 def test_pckh_official_head_normalisation_and_mean():
     # head box 30 x 40: diagonal 50, head size 0.6 * 50 = 30, PCKh@0.5 threshold 15 px
     gt = np.zeros((3, 16, 3))
