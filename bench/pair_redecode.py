@@ -75,6 +75,8 @@ def main() -> None:
     perm = shards.flip_permutation()
     maps, matrices, truth, stride = [], [], [], 4
     samples = list(photo_samples(shards))
+    if not samples:
+        raise SystemExit(f"{args.shards}: no photographs to score")
     for start in range(0, len(samples), 16):
         chunk = samples[start:start + 16]
         crops, ms = zip(*(crop(cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
