@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 
-import cv2
 import numpy as np
 import torch
 
 from pipeline.evaluate import LSP_TORSO, photo_samples
-from pipeline.inference import crop, crop_heatmaps, crop_to_original, decode_heatmaps
+from pipeline.inference import crop_to_original, decode_heatmaps, photo_heatmaps
 from pipeline.weights import load_trained
 from shards.format import ShardSet
 
@@ -79,15 +78,12 @@ def main() -> None:
         raise SystemExit(f"{args.shards}: no photographs to score")
     for start in range(0, len(samples), 16):
         chunk = samples[start:start + 16]
-        crops, ms = zip(*(crop(cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
-                                            cv2.COLOR_BGR2RGB), box, cfg.data.input_size, cfg.data.padding)
-                          for _, data, _, box in chunk))
-        hm, stride = crop_heatmaps(model, torch.from_numpy(np.stack(crops)), perm if cfg.eval.flip else None,
-                                   cfg.eval.modules, cfg.eval.scales)
+        hm, stride, ms = photo_heatmaps(model, cfg, [p.image for p in chunk], [p.box for p in chunk],
+                                        perm if cfg.eval.flip else None)
         maps.append(hm)
-        matrices.extend(ms)
-        truth.extend(gt for _, _, gt, _ in chunk)
-    maps, matrices, truth = torch.cat(maps), torch.from_numpy(np.stack(matrices)), np.stack(truth)
+        matrices.append(ms)
+        truth.extend(p.keypoints for p in chunk)
+    maps, matrices, truth = torch.cat(maps), torch.cat(matrices), np.stack(truth)
     a, b = LSP_TORSO
     size = np.linalg.norm(truth[:, a, :2] - truth[:, b, :2], axis=-1)
     scored = (truth[..., 2] > 0) & ((truth[:, a, 2] > 0) & (truth[:, b, 2] > 0) & (size > 0))[:, None]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import cv2
 import numpy as np
 import torch
 
@@ -26,23 +25,23 @@ from shards.format import ShardSet
 IDENTITY = np.array([[1, 0, 0], [0, 1, 0]], np.float32)  # results in original pixels
 
 
-def score(model, cfg, shards, images, samples, size: int, paddings: list[float], batch: int = 16) -> float:
+def score(model, cfg, shards, samples, size: int, paddings: list[float], batch: int = 16) -> float:
     flip, base = shards.flip_permutation(), paddings[0]
     results = {}
     for lo in range(0, len(samples), batch):
         chunk = range(lo, min(lo + batch, len(samples)))
         total = 0.0
         for padding in paddings:
-            crops = np.stack([crop(images[i], samples[i][3], size, padding)[0] for i in chunk])
+            crops = np.stack([crop(samples[i].image, samples[i].box, size, padding)[0] for i in chunk])
             heatmaps, stride = crop_heatmaps(model, torch.from_numpy(crops), flip, cfg.eval.modules)
             # a point of the base crop lies at base / padding times its distance from this crop's centre
             total = total + zoom(heatmaps, base / padding)
         keypoints = decode_heatmaps(total / len(paddings), stride, cfg.eval.dark_kernel)
-        matrices = torch.from_numpy(np.stack([crop(images[i], samples[i][3], size, base)[1] for i in chunk]))
+        matrices = torch.from_numpy(np.stack([crop(samples[i].image, samples[i].box, size, base)[1] for i in chunk]))
         xy = crop_to_original(keypoints[..., :2], matrices)
         for k, i in enumerate(chunk):
             pred = torch.cat([xy[k], keypoints[k, :, 2:]], -1).numpy()
-            results[samples[i][0]] = SampleResult(pred, samples[i][2], IDENTITY)
+            results[samples[i].idx] = SampleResult(pred, samples[i].keypoints, IDENTITY)
     return summarise(results, shards)["value"]
 
 
@@ -56,13 +55,11 @@ def main() -> None:
     model, cfg, _ = load_trained(args.checkpoint, "cpu")
     shards = ShardSet.open(args.shards)
     samples = list(photo_samples(shards))
-    images = [cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-              for _, data, _, _ in samples]
     size = args.size or cfg.data.input_size
     for variant in args.variants:
         paddings = [float(x) for x in variant.split(",")]
         t0 = time.time()
-        pck = score(model, cfg, shards, images, samples, size, paddings)
+        pck = score(model, cfg, shards, samples, size, paddings)
         print(f"{args.checkpoint}: input {size}, paddings {variant}: PCK@0.2 = {100 * pck:.2f} "
               f"({time.time() - t0:.0f} s)", flush=True)
 

@@ -22,6 +22,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -31,7 +32,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.config import EvalConfig, validate
 from pipeline.distributed import gather_objects
-from pipeline.inference import crop_to_original, inference_device, predict_crops, predict_images
+from pipeline.inference import crop_to_original, image_from_bytes, inference_device, predict_crops, predict_images
 from pipeline.plots import prediction_grid
 from pipeline.weights import load_trained
 from shards.datasets import LSP_JOINTS, MPII_JOINTS
@@ -325,10 +326,18 @@ def format_pck(metrics: dict, joints: list[str]) -> str:
     return "\n".join(lines)
 
 
+class Photo(NamedTuple):
+    idx: int  # the sample id
+    image: np.ndarray  # RGB, as shipped
+    keypoints: np.ndarray  # (J, 3) in original pixels
+    box: list  # the person box (x0, y0, w, h)
+
+
 def photo_samples(shards):
-    """(sample id, image bytes, keypoints (J, 3) in original pixels, person box) of every sample of a shard set."""
+    """Every photograph of a shard set, decoded; an undecodable one is an error naming its tar and key."""
     for tar in shards.tars:
-        yield from read_photos(tar)
+        for where, idx, data, keypoints, box in read_photos(tar):
+            yield Photo(idx, image_from_bytes(data, where), keypoints, box)
 
 
 def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,
@@ -340,12 +349,10 @@ def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None
     chunk: list = []
 
     def flush():
-        images = [cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-                  for _, data, _, _ in chunk]
-        keypoints = predict_images(model, cfg, images, [box if boxes else None for *_, box in chunk],
+        keypoints = predict_images(model, cfg, [p.image for p in chunk], [p.box if boxes else None for p in chunk],
                                    flip_perm, passes)
-        for (idx, _, gt, _), pred in zip(chunk, keypoints):
-            results[idx] = SampleResult(pred, gt, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
+        for photo, pred in zip(chunk, keypoints):
+            results[photo.idx] = SampleResult(pred, photo.keypoints, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
         chunk.clear()
 
     for sample in photo_samples(shards):

@@ -163,6 +163,14 @@ def read_image(path: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def image_from_bytes(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (a shard's jpg member) -> RGB; `name` says where they came from in the error."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{name}: cannot decode this image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def crop(image: np.ndarray, box, input_size: int, padding: float) -> tuple[np.ndarray, np.ndarray]:
     """-> (uint8 crop SxSx3, the 2x3 continuous-coordinate matrix that made it)."""
     m = crop_matrix(np.asarray(box, np.float64), input_size, padding)
@@ -186,15 +194,24 @@ def box_from_keypoints(keypoints: np.ndarray, grow: float = 1.0) -> list[float] 
     return [float((x0 + x1 - w) / 2), float((y0 + y1 - h) / 2), float(w), float(h)]
 
 
-def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None) -> np.ndarray:
-    """RGB images and their boxes (None: the whole photo) -> keypoints (N, J, 3) in original pixels
-    (x, y, peak score)."""
+def photo_heatmaps(model, cfg, images: list[np.ndarray], boxes: list,
+                   flip_perm: list[int] | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """RGB images and their boxes (None: the whole photo) -> (heatmaps (N, J, H, W) of their crops, the heatmaps'
+    stride, the (N, 2, 3) matrices that made the crops), with the config's eval settings (modules, scales)."""
     size, padding = cfg.data.input_size, cfg.data.padding
     crops, matrices = zip(*(crop(image, box, size, padding) for image, box in zip(images, boxes)))
     device = next(model.parameters()).device
-    keypoints = predict_crops(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm, cfg.eval.modules,
-                              cfg.eval.dark_kernel, cfg.eval.scales).cpu()
-    xy = crop_to_original(keypoints[..., :2], torch.from_numpy(np.stack(matrices)))
+    heatmaps, stride = crop_heatmaps(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm,
+                                     cfg.eval.modules, cfg.eval.scales)
+    return heatmaps.cpu(), stride, torch.from_numpy(np.stack(matrices))
+
+
+def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None) -> np.ndarray:
+    """RGB images and their boxes (None: the whole photo) -> keypoints (N, J, 3) in original pixels
+    (x, y, peak score)."""
+    heatmaps, stride, matrices = photo_heatmaps(model, cfg, images, boxes, flip_perm)
+    keypoints = decode_heatmaps(heatmaps, stride, dark_kernel=cfg.eval.dark_kernel)
+    xy = crop_to_original(keypoints[..., :2], matrices)
     return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
 
 

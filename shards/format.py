@@ -57,12 +57,13 @@ def read_samples(tar_path):
 
 
 def read_photos(tar_path):
-    """Yield (sample id, the image bytes as shipped, keypoints (J, 3) in original pixels, the person box)
-    of every sample of a tar: the photographs themselves, not the pipeline's crops."""
-    for _, m in read_samples(tar_path):
+    """Yield (where: "TAR: sample KEY", sample id, the image bytes as shipped, keypoints (J, 3) in original
+    pixels, the person box) of every sample of a tar: the photographs themselves, not the pipeline's crops."""
+    for key, m in read_samples(tar_path):
         image = next(m[ext] for ext in IMAGE_MEMBERS if ext in m)
         arrays = {ext: np.load(io.BytesIO(m[ext])) for ext in NPY_MEMBERS}
-        yield int(arrays["idx.npy"].reshape(-1)[0]), image, arrays["kp.npy"], arrays["box.npy"].tolist()
+        yield (f"{tar_path}: sample {key}", int(arrays["idx.npy"].reshape(-1)[0]), image, arrays["kp.npy"],
+               arrays["box.npy"].tolist())
 
 
 @dataclass

@@ -114,6 +114,32 @@ def test_pair_redecode_moves_a_double_counted_joint_to_its_second_peak_only():
     assert pair_outcomes(pred, gt, pairs) == {"both hit": 4, "double count": 1, "full swap": 1, "other": 0}
 
 
+def test_photo_samples_decode_each_photo_and_name_the_tar_and_key_of_a_bad_one(tmp_path):
+    import cv2
+
+    from pipeline.evaluate import photo_samples
+    from tests.conftest import SAMPLE, shard_sample
+    root = shard_sample(tmp_path / "val", 161, 162)
+    shards = ShardSet.open(root)
+    photos = list(photo_samples(shards))
+    assert sorted(p.idx for p in photos) == [161, 162]  # the sample ids: LSPET image numbers
+    first = min(photos, key=lambda p: p.idx)
+    assert np.array_equal(first.image, cv2.cvtColor(cv2.imread(str(SAMPLE / "images" / "im00161.jpg")), cv2.COLOR_BGR2RGB))
+    assert first.keypoints.shape == (14, 3) and len(first.box) == 4
+    # the same tar with one photo's bytes cut short: an error that says which tar and sample
+    tar_path = shards.tars[0]
+    with tarfile.open(tar_path) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar if info.isfile()]
+    bad_key = next(info.name.partition(".")[0] for info, _ in members if info.name.endswith(".jpg"))
+    with tarfile.open(tar_path, "w") as tar:
+        for info, data in members:
+            data = data[:20] if info.name == f"{bad_key}.jpg" else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=f"{tar_path}: sample {bad_key}: cannot decode this image"):
+        list(photo_samples(shards))
+
+
 def test_pckh_official_head_normalisation_and_mean():
     # head box 30 x 40: diagonal 50, head size 0.6 * 50 = 30, PCKh@0.5 threshold 15 px
     gt = np.zeros((3, 16, 3))

@@ -142,3 +142,18 @@ def test_device_cuda_without_cuda_is_refused_by_name(weights, tmp_path, capsys):
     assert mshg(["predict", "--checkpoint", str(weights), "--device", "cuda", "--out", str(tmp_path / "p.json"),
                  str(SAMPLE / "images" / "im00161.jpg")]) == 2
     assert "--device=cuda, but CUDA is not available" in capsys.readouterr().err
+
+
+def test_evaluate_photos_scores_the_same_persons_as_the_validation_crops(weights, lspet_shards, tmp_path):
+    """`mshg evaluate --photos boxes|bare` reads the photographs from the tars (not DALI's crops): every sample
+    scored, against the same annotation, so the same persons count and the same ones are left out."""
+    out = {}
+    for how, extra in {"crops": [], "boxes": ["--photos", "boxes"], "bare": ["--photos", "bare", "--passes", "2"]}.items():
+        path = tmp_path / f"{how}.json"
+        assert mshg(["evaluate", "--checkpoint", str(weights), "--shards", str(lspet_shards["val"]),
+                     "--out", str(path), *extra]) == 0
+        out[how] = json.loads(path.read_text())
+    for how in ("boxes", "bare"):
+        assert [out[how][k] for k in ("samples", "persons", "left_out")] == \
+            [out["crops"][k] for k in ("samples", "persons", "left_out")] == [16, out["crops"]["persons"], 16 - out["crops"]["persons"]]
+        assert 0 <= out[how]["value"] <= 1 and len(out[how]["per_joint"]) == 14
