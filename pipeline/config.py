@@ -118,6 +118,9 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: what oneDNN (CPU) and cuDNN tensor cores run fastest
     # heatmap pixels near a joint weigh 1 + loss_fg_weight times the background in the loss (targets.py); 0: plain MSE
     loss_fg_weight: float = 0.0
+    # the pixels near a joint's left/right twin weigh 1 + loss_twin_weight in that joint's heatmap loss: a left knee
+    # predicted on the right knee costs more than on the background (against double counts; targets.py); 0: off
+    loss_twin_weight: float = 0.0
     ema_decay: float = 0.0  # exponential moving average of the weights, evaluated and exported; 0: off
     device: str = "auto"  # auto (CUDA if torch has it, said loudly) | cuda (an error without CUDA) | cpu
     # torch threads per rank on a CPU; 0: the machine's cores shared out among the ranks on this node.
@@ -234,12 +237,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay}")
     if t.ema_decay and t.zero_stage == 3:
         raise ConfigError("train.ema_decay needs whole weights on every rank: use train.zero_stage 0-2, not 3")
-    if not all(math.isfinite(v) for v in (t.lr, t.weight_decay, t.grad_clip, t.loss_fg_weight, s.expected_loss,
-                                          s.max_minutes)):
-        raise ConfigError("train.lr, train.weight_decay, train.grad_clip, train.loss_fg_weight, stop.expected_loss "
-                          "and stop.max_minutes must be finite numbers")
+    if not all(math.isfinite(v) for v in (t.lr, t.weight_decay, t.grad_clip, t.loss_fg_weight, t.loss_twin_weight,
+                                          s.expected_loss, s.max_minutes)):
+        raise ConfigError("train.lr, train.weight_decay, train.grad_clip, train.loss_fg_weight, train.loss_twin_weight, "
+                          "stop.expected_loss and stop.max_minutes must be finite numbers")
     if t.loss_fg_weight < 0:
         raise ConfigError(f"train.loss_fg_weight must be >= 0 (0: plain MSE); got {t.loss_fg_weight}")
+    if t.loss_twin_weight < 0:
+        raise ConfigError(f"train.loss_twin_weight must be >= 0 (0: off); got {t.loss_twin_weight}")
     if s.max_minutes < 0:
         raise ConfigError(f"stop.max_minutes must be >= 0 (0: no time limit); got {s.max_minutes}")
     if d.train_weight <= 0 or any(x.weight <= 0 or not x.shards for x in d.extra_sets):

@@ -370,7 +370,8 @@ class Trainer:
             with phase("forward"):
                 predictions = self.engine(x)
                 loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides,
-                                                self.cfg.train.loss_fg_weight)
+                                                self.cfg.train.loss_fg_weight, self.cfg.train.loss_twin_weight,
+                                                self.flip_perm)
             with phase("backward"):  # DeepSpeed's gradient reduction runs in its backward hooks
                 self.engine.backward(loss)
             with phase("step"):  # gradient clipping, the optimizer, ZeRO's all-gather of the updated weights

@@ -69,11 +69,12 @@ def two_rank_config(tmp: Path, shards: dict[str, Path], mpii: Path, name: str) -
     """The shared two-rank run's config: ZeRO-3 (configs/deepspeed/zero3.yaml), RMSprop with warm-up and
     cosine, a global batch of 16 = micro-batches of 4 x 2 accumulated x 2 ranks, each micro-batch drawn 3
     from LSPET and 1 from MPII (16 joints mapped onto LSP's 14: upper_neck as neck); LSPET's 24 samples a
-    rank make an epoch of 8 micro-batches, 4 steps."""
+    rank make an epoch of 8 micro-batches, 4 steps; the loss weighted near the joints and their twins."""
     return tiny_config(tmp, shards, stop={"max_steps": 6}, train={
         "run_name": name, "micro_batch": 4, "global_batch": 16,
         "deepspeed": str(REPO / "configs" / "deepspeed" / "zero3.yaml"),
-        "optimizer": "rmsprop", "lr": 2.5e-4, "lr_schedule": "cosine", "warmup_steps": 2},
+        "optimizer": "rmsprop", "lr": 2.5e-4, "lr_schedule": "cosine", "warmup_steps": 2,
+        "loss_fg_weight": 10.0, "loss_twin_weight": 5.0},
         data={"train_weight": 3.0, "extra_sets": [{"shards": str(mpii), "weight": 1.0, "joints": {"neck": "upper_neck"}}]})
 
 

@@ -273,7 +273,9 @@ def test_read_only_out_dir_unwritable_outputs_and_bad_weights_are_lines(lspet_sh
                       ("data.scale_range=[1.2,0.8]", "data.scale_range"), ("data.sigma=0", "data.sigma"),
                       ("data.num_threads=0", "data.num_threads"), ("data.color_jitter=1.5", "data.color_jitter"),
                       ("train.cpu_threads=-1", "train.cpu_threads"), ("train.loss_fg_weight=-1", "train.loss_fg_weight"),
-                      ("train.loss_fg_weight=inf", "train.loss_fg_weight")]:
+                      ("train.loss_fg_weight=inf", "train.loss_fg_weight"),
+                      ("train.loss_twin_weight=-1", "train.loss_twin_weight"),
+                      ("train.loss_twin_weight=nan", "train.loss_twin_weight")]:
         with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
             load_config(REPO / "configs" / "msc_hg_cpu.yaml", [bad])
 

@@ -95,6 +95,28 @@ def test_fg_weight_weighs_errors_near_a_joint_only():
     assert torch.isclose(cascade_loss(far, heatmaps, weights, STRIDES, fg_weight=10.0)[0], extra)
 
 
+def test_twin_weight_weighs_a_joint_put_on_its_twin_only():
+    # joints 0/1 a left/right pair, joint 2 its own twin (a neck); truths far apart
+    kp = torch.tensor([[[30.0, 30.0, 1.0], [90.0, 90.0, 1.0], [30.0, 90.0, 1.0]]])
+    perm = [1, 0, 2]
+    heatmaps, weights = make_targets(kp, SIZE, STRIDES, sigma=2.0)
+    truth = [heatmaps[s] for s in STRIDES]
+    loss = lambda preds, twin: cascade_loss(preds, heatmaps, weights, STRIDES, 10.0, twin, perm)[0]  # noqa: E731
+    double = [t.clone() for t in truth]
+    for p, t in zip(double, truth):
+        p[:, 0] += t[:, 1]  # the left joint also fires on the right one's truth: a double count
+    # the error, ~95 % of its squared mass in the twin's disc, is background to joint 0: it counted 1, now 1 + 10
+    assert loss(truth, 10.0) == 0
+    assert 10 < loss(double, 10.0) / loss(double, 0.0) < 11
+    elsewhere = [t.clone() for t in truth]
+    for p in elsewhere:
+        p[:, 0, 0, -1] += 1.0  # far from both truths: weighs as before
+        p[:, 2] += p[:, 2].roll(3, -1)  # the neck (no twin) put beside itself: as before
+    assert torch.isclose(loss(elsewhere, 10.0), loss(elsewhere, 0.0))
+    with pytest.raises(ValueError, match="twin_weight needs flip_perm"):
+        cascade_loss(truth, heatmaps, weights, STRIDES, 0.0, 10.0)
+
+
 def test_flip_swaps_left_and_right_joints_only_for_flipped_samples():
     kp = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     out = swap_flipped(kp, torch.tensor([0.0, 1.0]), [1, 0, 2, 3])
