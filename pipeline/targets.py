@@ -59,12 +59,11 @@ def cascade_loss(predictions: list[torch.Tensor], heatmaps: dict[int, torch.Tens
     w = weights[..., None, None]
     if twin_weight and flip_perm is None:
         raise ValueError("cascade_loss: twin_weight needs flip_perm, the dataset's left/right permutation")
-    paired = torch.tensor([int(p != j) for j, p in enumerate(flip_perm or [])], dtype=torch.float32,
-                          device=weights.device).view(1, -1, 1, 1)
 
     def pixel_weight(t: torch.Tensor) -> torch.Tensor:
         extra = fg_weight * (t >= 0.2) if fg_weight else 0.0
         if twin_weight:
+            paired = torch.tensor([float(p != j) for j, p in enumerate(flip_perm)], device=t.device).view(1, -1, 1, 1)
             extra = extra + twin_weight * paired * (t[:, list(flip_perm)] >= 0.2)
         return w * (1 + extra) if fg_weight or twin_weight else w
 
