@@ -9,7 +9,7 @@
 # Runs `mshg train --ranks 2` four times, one after the other (each run owns the 2 cores), with
 # configs/lspet_cpu.yaml (the cascade) and configs/lspet_cpu_stacked.yaml (the stack, widened to the
 # cascade's FLOPs), then bench/study_table.py, which reads the runs back from MLflow, writes
-# docs/results.md's study section (table, run ids) and docs/pck_vs_minutes.png, and logs the plot to
+# docs/results/cascade_study.md's study section (table, run ids) and docs/pck_vs_minutes.png, and logs the plot to
 # MLflow. Needs the LSPET shards of the README (runs/shards/lspet-train, runs/shards/lspet-val).
 # Every run is resumable: rerunning the script continues unfinished runs from their checkpoints.
 set -euo pipefail

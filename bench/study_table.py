@@ -1,6 +1,6 @@
 """The study's table and plot from its MLflow runs (bench/cascade_vs_stacked.sh calls it).
 
-    python bench/study_table.py RUN_NAME... [--out docs/results.md] [--plot docs/pck_vs_minutes.png]
+    python bench/study_table.py RUN_NAME... [--out docs/results/cascade_study.md] [--plot docs/pck_vs_minutes.png]
 
 Per run: parameters, forward GFLOPs per image, images/s (median of the logged values), steps and
 images seen, PCK@0.2 (flip test) per joint and mean at the end, and the validation PCK at equal
@@ -14,6 +14,7 @@ beside it and, with the table, to an MLflow run `study-summary`.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+")
-    p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "cascade_study.md"))
     p.add_argument("--plot", default=str(REPO / "docs" / "pck_vs_minutes.png"))
     p.add_argument("--experiment", default="mshg")
     p.add_argument("--summary-run", default="study-summary", help="the MLflow run the table and plot go to")
@@ -105,7 +106,7 @@ def main() -> None:
                        (f"at {equal_images:,} images (equal samples)", "at_images")):
         lines.append(f"- {label}: " + "; ".join(f"{m} {spread([r[key] for r in rs])}" for m, rs in by_model.items()))
     lines += ["", "MLflow run ids: " + ", ".join(f"{r['run']} `{r['run_id']}`" for r in rows), "",
-              f"![PCK@0.2 against training minutes and images seen]({Path(args.plot).name})", "", END]
+              f"![PCK@0.2 against training minutes and images seen]({os.path.relpath(args.plot, Path(args.out).parent)})", "", END]
     table = "\n".join(lines)
 
     plot_curves({n: [(m, i, 100 * v) for m, i, v in c] for n, c in curves.items()}, args.plot,

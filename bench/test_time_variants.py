@@ -7,7 +7,7 @@ Each positional argument is one variant: a comma-separated list of paddings (cro
 longer side); a list of several re-cuts the photo at each, and their heatmaps (flip test, the run's modules) are
 resampled onto the first padding's crop and averaged before decoding, as the multi-scale test of the
 literature does. `mshg evaluate --photos boxes --scales` scores the product's cheaper version: zooms of the one
-crop (docs/results.md, "Recipe r8"). Prints PCK@0.2 per variant.
+crop (docs/results/recipe.md, "Recipe r8"). Prints PCK@0.2 per variant.
 """
 from __future__ import annotations
 

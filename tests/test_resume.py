@@ -166,7 +166,7 @@ def test_signal_and_resumes_around_an_epoch_end_match_the_uninterrupted_run(lspe
 
 def test_zero1_stopped_and_resumed_trains_what_zero2_trains(lspet_shards, tmp_path, reference):
     """The CPU recipe runs ZeRO-1 (its gradients reduced once after the backward: faster over gloo than
-    ZeRO-2's per-bucket reductions, docs/results.md). The stage must change the speed only: stopped at
+    ZeRO-2's per-bucket reductions, docs/results/throughput.md). The stage must change the speed only: stopped at
     step 4 (inside epoch 0) and resumed to the end, ZeRO-1 equals the uninterrupted ZeRO-2 reference in
     MLflow value for value and in its final weights bit for bit."""
     cfg = config(tmp_path, lspet_shards, zero_stage=1)
