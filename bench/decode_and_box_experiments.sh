@@ -11,7 +11,8 @@
 #   grow      bare, whole photo only, the second pass's box grown 1.0 / 1.2 / 1.4 / 1.6 / 1.9x (2 passes)
 #   schedule  bare: whole photo + x1.4; + x1.0 (3 passes); windows 0.6 + x1.4 + x1.0; windows 0.4 and 0.6;
 #             each keeping the surest crop only, then windows 0.6 keeping 2, 3 (the default) and 5
-# pipeline.inference's BOX_SCORE, PASS_GROWS, FIRST_PASS_WINDOWS and FIRST_PASS_KEEP are set in-process.
+# pipeline.inference's BOX_SCORE and the search (PhotoSearch: grows, windows, keep; every pass at the run's full
+# test, as --accurate) are set in-process.
 # Each result also goes to runs/evals/*.json. About 1-4 minutes an evaluation on the 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,12 +28,11 @@ mkdir -p runs/evals
 evaluate() {  # BOX_SCORE, PASS_GROWS, FIRST_PASS_WINDOWS (comma-separated, - for none), FIRST_PASS_KEEP,
     local score=$1 grows=$2 windows=$3 keep=$4  # then mshg evaluate's arguments
     shift 4
-    $py -c "import sys, pipeline.inference as inference
+    $py -c "import dataclasses, sys, pipeline.inference as inference, pipeline.evaluate as evaluate
 floats = lambda text: tuple(float(v) for v in text.split(',') if v != '-')
 inference.BOX_SCORE = float(sys.argv[1])
-inference.PASS_GROWS = floats(sys.argv[2])
-inference.FIRST_PASS_WINDOWS = floats(sys.argv[3])
-inference.FIRST_PASS_KEEP = int(sys.argv[4])
+evaluate.FAST = dataclasses.replace(inference.ACCURATE, grows=floats(sys.argv[2]), windows=floats(sys.argv[3]),
+                                   keep=int(sys.argv[4]))
 from pipeline.cli import main; sys.exit(main(sys.argv[5:]))" "$score" "$grows" "$windows" "$keep" evaluate --checkpoint "$run" \
         --shards "$val" --batch-size 32 "$@" | grep "PCK@0.2 ="
 }

@@ -16,7 +16,7 @@ row alike; the medians over all rounds are compared. Single processes use every 
 ranks gets its share. Target (issue 5): ZeRO-2 single process <= 1.10x plain torch.
 
 DeepSpeed's ZeRO-1/2 cost is mostly per parameter tensor (a Python gradient hook each, ~40 us here),
-so the ratio depends on the model: run it with `--config configs/msc_hg.yaml data.input_size=128
+so the ratio depends on the model: run it with `--config configs/lspet_gpu.yaml data.input_size=128
 --batch 4` for the full-width network as well (docs/cluster.md has both).
 """
 from __future__ import annotations

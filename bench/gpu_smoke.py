@@ -10,7 +10,7 @@ One PASS/FAIL line per stage, then a summary table. Stages:
             keypoints, matrices and ids identical; the largest pixel difference (nvJPEG vs libjpeg)
   loader    DALI GPU loader throughput at 256x256 with the full training recipe (target >= 3,000 img/s
             per GPU on an H100-class GPU) and the cost of building an epoch's pipeline (s, GPU memory)
-  train     configs/msc_hg.yaml on every visible GPU for --steps steps with a checkpoint and an
+  train     configs/lspet_gpu.yaml on every visible GPU for --steps steps with a checkpoint and an
             evaluation, then resumed for 10 more ("resumed at step N"); images/s per GPU, data-wait
             fraction, model FLOP utilisation against the GPU's bf16 peak, peak memory, a line per rank
             naming its GPU
@@ -78,7 +78,7 @@ def model_speed(batch: int = 32) -> None:
     from pipeline.config import load_config
     from pipeline.model import build_model, count_flops
 
-    cfg = load_config(REPO / "configs" / "msc_hg.yaml")
+    cfg = load_config(REPO / "configs" / "lspet_gpu.yaml")
     model = build_model(cfg.model, 14, cfg.data.input_size)
     flops = count_flops(model, cfg.data.input_size)
     model = model.cuda()
@@ -195,9 +195,12 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
     from pipeline.config import load_config
     from pipeline.model import build_model, count_flops
 
-    common = ["--config", str(REPO / "configs" / "msc_hg.yaml"), f"data.train_shards={tmp}/train",
+    common = ["--config", str(REPO / "configs" / "lspet_gpu.yaml"), f"data.train_shards={tmp}/train",
               f"data.val_shards={tmp}/val", "train.run_name=smoke", f"train.checkpoint_every={steps}",
               f"train.eval_every={steps}", "train.log_every=5",
+              # a step of micro_batch x GPUs, as before the config fixed its global batch (128: 8 accumulation
+              # steps each on one GPU, 8x the smoke's time)
+              "train.global_batch=0",
               # the MLflow model (torch.export of the full-size model on the CPU) took over 5 minutes at a
               # run's end on an H200 node's torch 2.11 (docs/gpu.md): the export stage checks ONNX export
               "train.log_model=false"]
@@ -217,7 +220,7 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
     rate = metric(tmp, "smoke", "images_per_s")[-3:]
     wait = metric(tmp, "smoke", "data_wait_fraction")[-3:]
     memory = metric(tmp, "smoke", "peak_memory_gb")
-    cfg = load_config(REPO / "configs" / "msc_hg.yaml")
+    cfg = load_config(REPO / "configs" / "lspet_gpu.yaml")
     flops = count_flops(build_model(cfg.model, 14, cfg.data.input_size), cfg.data.input_size)
     per_gpu = sum(rate) / len(rate) / gpus
     mfu = flop_utilisation(flops, per_gpu, torch.cuda.get_device_name(0))
@@ -233,7 +236,7 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
 
 def accumulation(tmp: Path) -> None:
     proc = run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", "2", "--config",
-                str(REPO / "configs" / "msc_hg.yaml"), f"data.train_shards={tmp}/train", "data.val_shards=",
+                str(REPO / "configs" / "lspet_gpu.yaml"), f"data.train_shards={tmp}/train", "data.val_shards=",
                 "train.run_name=accum", "train.micro_batch=4", "train.global_batch=16", "stop.max_steps=5"], tmp)
     ckpts = tmp / "runs" / "accum" / "checkpoints"
     meta = json.loads((ckpts / (ckpts / "latest").read_text() / "meta.json").read_text()) if proc.returncode == 0 else {}

@@ -2,7 +2,7 @@
 `mlflow.pytorch.log_model(..., serialization_format="pt2")` (torch.export with a dynamic batch), as
 pipeline/track.py does it. Random weights: the time depends on the graph, not the values.
 
-    python bench/model_export_time.py configs/msc_hg.yaml [--limit 300]
+    python bench/model_export_time.py configs/lspet_gpu.yaml [--limit 300]
 
 Stops with a traceback of every thread after --limit seconds (where it spends them, docs/gpu.md)."""
 import argparse

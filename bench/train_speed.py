@@ -490,8 +490,8 @@ def stacked_main(args) -> None:
 
     distributed.init("cpu")  # a world of one: DeepSpeed's engine needs a process group
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    stacked = load_config(REPO / "configs" / "stacked_hg8.yaml", ["train.device=cpu"])
-    msc = load_config(REPO / "configs" / "msc_hg.yaml", ["train.device=cpu"])
+    stacked = load_config(REPO / "configs" / "lspet_gpu_stacked.yaml", ["train.device=cpu"])
+    msc = load_config(REPO / "configs" / "lspet_gpu.yaml", ["train.device=cpu"])
     flops = {"stacked": count_flops(build_model(stacked.model, JOINTS, 256), 256),
              "msc": count_flops(build_model(msc.model, JOINTS, 256), 256)}
     rows = {"baseline": ("stacked_hg8", "eager fp32, NCHW, RMSprop, plain torch", flops["stacked"], "fp32",

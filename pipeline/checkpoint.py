@@ -15,9 +15,10 @@ ZeRO-3) and, with a weight average, `ema.safetensors`: what `mshg export` reads,
 DeepSpeed's own files are pickles, which run code when loaded; so every tag is signed: rank 0
 writes `signature.json`, the sha256 of each file and an HMAC of them under this user's checkpoint
 key (`MSHG_CHECKPOINT_KEY`, default ~/.config/mshg/checkpoint.key, made on first use, mode 600;
-share it across a cluster's nodes through the home directory). A resume checks the signature
-before DeepSpeed unpickles anything: a checkpoint that this key did not sign, or that changed
-since, is refused (docs/cluster.md).
+share it across a cluster's nodes through the home directory; a key under 32 bytes or readable by
+others is refused). A resume checks the signature before DeepSpeed unpickles anything, on every rank
+for the files that rank loads: a checkpoint that this key did not sign, or that changed since, is
+refused (docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +36,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError
-from pipeline.distributed import broadcast_object
+from pipeline.distributed import broadcast_object, gather_objects
 
 LATEST = "latest"
 PARTIAL = ".partial-"
@@ -42,21 +44,49 @@ META = "meta.json"
 SIGNATURE = "signature.json"
 
 
+KEY_BYTES = 32  # an HMAC-SHA256 key; an empty key file would sign with an empty key, which anyone can forge
+
+
 def checkpoint_key() -> bytes:
-    """This user's key for signing checkpoints, created on first use."""
+    """This user's key for signing checkpoints, created on first use (32 random bytes, mode 600). A key file
+    shorter than that, or one that group or others may read or write, is refused naming the file: its
+    signatures would not prove that this user wrote a checkpoint, and resuming one unpickles it."""
     path = Path(os.environ.get("MSHG_CHECKPOINT_KEY") or Path.home() / ".config" / "mshg" / "checkpoint.key")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-    return path.read_bytes()
+            f.write(os.urandom(KEY_BYTES))
+        try:
+            os.link(tmp, path)  # whole or not at all: the ranks of a node may all make it at once
+        except FileExistsError:
+            pass  # another rank's is there: that one is the key
+        finally:
+            os.unlink(tmp)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"checkpoint key {path} is readable or writable by others (mode {mode:o}): whoever reads "
+                          f"it can sign checkpoints that your runs unpickle; make it yours alone: chmod 600 {path}")
+    key = path.read_bytes()
+    if len(key) < KEY_BYTES:
+        raise ConfigError(f"checkpoint key {path} holds {len(key)} bytes, fewer than {KEY_BYTES}: its signatures "
+                          f"can be forged; remove it (the next run makes a new one; checkpoints signed with the old "
+                          f"one are then refused) or point MSHG_CHECKPOINT_KEY at the key that signed them")
+    return key
 
 
-def _digests(folder: Path) -> dict[str, str]:
+def others_partition(name: str, rank: int) -> bool:
+    """A file of another rank's ZeRO partition (DeepSpeed's zero_pp_rank_N_...): not one `rank` unpickles."""
+    found = re.search(r"zero_pp_rank_(\d+)_", name)
+    return bool(found) and int(found.group(1)) != rank
+
+
+def _digests(folder: Path, rank: int | None = None) -> dict[str, str]:
+    """sha256 of every file (but the signature), or with `rank`, of the files that rank loads."""
     out = {}
     for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != SIGNATURE:
+        if f.is_file() and f.name != SIGNATURE and not (rank is not None and others_partition(f.name, rank)):
             h = hashlib.sha256()
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
@@ -74,8 +104,9 @@ def sign(folder: Path) -> None:
     (folder / SIGNATURE).write_text(json.dumps({"files": digests, "hmac": _mac(digests)}, indent=1))
 
 
-def check_signature(folder: Path) -> None:
-    """Raises ConfigError unless `folder` holds exactly the files this user's key signed."""
+def check_signature(folder: Path, rank: int | None = None) -> None:
+    """Raises ConfigError unless `folder` holds exactly the files this user's key signed; with `rank`, only
+    the files that rank loads are compared (its own ZeRO partition and the shared files), not all ranks'."""
     path = folder / SIGNATURE
     try:
         signed = json.loads(path.read_text())
@@ -87,7 +118,9 @@ def check_signature(folder: Path) -> None:
     if not hmac.compare_digest(mac, _mac(files)):
         raise ConfigError(f"{folder}: signed with another key (another user or machine; set MSHG_CHECKPOINT_KEY to "
                           f"the key file that signed it): refusing to unpickle it")
-    now = _digests(folder)
+    now = _digests(folder, rank)
+    if rank is not None:
+        files = {k: v for k, v in files.items() if not others_partition(Path(k).name, rank)}
     changed = sorted(k for k in set(files) | set(now) if files.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"{folder}: {', '.join(changed[:5])} changed since the checkpoint was written "
@@ -128,6 +161,11 @@ def latest_tag(directory: str | Path) -> str | None:
     return tag
 
 
+def nothing_to_resume(directory: str | Path) -> ConfigError:
+    """The error of train.resume=require (`mshg train --resume`) where `directory` holds no checkpoint."""
+    return ConfigError(f"train.resume=require, but {directory} has no checkpoint (no `latest`)")
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """`runs/NAME`, `runs/NAME/checkpoints` or `runs/NAME/checkpoints/TAG` -> (checkpoints dir, tag)."""
     p = Path(path)
@@ -148,6 +186,7 @@ class Checkpointer:
         self.world = world
         self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.last_saved: Path | None = None
+        checkpoint_key()  # a missing key is made, a weak one refused now: not at the first checkpoint, hours in
 
     def latest_tag(self) -> str | None:
         return latest_tag(self.dir)
@@ -225,22 +264,22 @@ class Checkpointer:
         if error:
             raise ConfigError(error)
         if tag is None and mode == "require":
-            raise ConfigError(f"train.resume=require, but {self.dir} has no checkpoint (no `latest`)")
+            raise nothing_to_resume(self.dir)
         if tag is not None and mode == "never":
             raise ConfigError(f"train.resume=never, but {self.dir} already holds checkpoint {tag}: "
                               f"pick another train.run_name, or resume with train.resume=auto")
         return tag
 
     def load(self, engine, tag: str) -> dict:
-        """Loads checkpoint `tag` into the engine, after checking its signature (rank 0 checks, every rank
-        learns the verdict); returns the trainer's client_state."""
+        """Loads checkpoint `tag` into the engine, after checking its signature; returns the trainer's
+        client_state. Every rank checks, with its own key, the files it unpickles (rank 0 all of them): a node
+        whose copy differs is caught too. A refusal on any rank stops every rank, before DeepSpeed loads."""
         verdict = None
-        if self.world.is_main:
-            try:
-                check_signature(self.dir / tag)
-            except ConfigError as e:
-                verdict = str(e)
-        verdict = broadcast_object(verdict, self.world)
+        try:
+            check_signature(self.dir / tag, rank=None if self.world.is_main else self.world.rank)
+        except ConfigError as e:
+            verdict = str(e) if self.world.is_main else f"rank {self.world.rank}: {e}"
+        verdict = next((v for v in gather_objects(verdict, self.world) if v), None)
         if verdict:
             raise ConfigError(verdict)
         try:

@@ -2,9 +2,11 @@
 
     mshg shard lspet --root DIR --out DIR [--range FIRST:LAST]     (shards/cli.py)
     mshg verify DIR
-    mshg train --config FILE [--ranks N] [key=value ...]
+    mshg train --config FILE [--ranks N] [--resume [RUN]] [--run-name NAME] [--device D] [--seed N] [key=value ...]
+    mshg config show FILE [key=value ...] | mshg config list
     mshg evaluate --checkpoint runs/NAME --shards DIR
-    mshg predict --checkpoint runs/NAME --out preds.json [--boxes B.json] [--overlay DIR] IMAGE...
+    mshg predict [--checkpoint NAME|runs/NAME|FILE] [--out preds.json] [--overlay DIR] SOURCE...
+    mshg models
     mshg export --checkpoint CKPT [--safetensors OUT] [--onnx OUT]
     mshg runs [--experiment mshg] [-n 20]
     mshg model-info CONFIG...
@@ -25,17 +27,64 @@ from pipeline.show import add_command as add_show_batch  # mshg show-batch (pipe
 from shards.cli import add_commands as add_shard_commands
 
 
+def train_flag_overrides(args) -> list[str]:
+    """`mshg train`'s flags as the key=value overrides they stand for (appended after the given ones, so a flag
+    and its key behave the same, and the run's config.yaml records it):
+    --resume [RUN] -> train.resume=require (and train.run_name=RUN), --run-name NAME -> train.run_name=NAME,
+    --device D -> train.device=D, --seed N -> data.seed=N."""
+    out = []
+    resume, run_name = getattr(args, "resume", None), getattr(args, "run_name", None)
+    if resume is not None:
+        out.append("train.resume=require")
+        if "=" in resume:  # `--resume stop.max_steps=9`: argparse took an override for the optional RUN
+            out.append(resume)
+            resume = ""
+        if resume and run_name and resume != run_name:
+            raise ValueError(f"--resume {resume} and --run-name {run_name} name two runs: give one")
+        run_name = resume or run_name
+    if run_name:
+        out.append(f"train.run_name={run_name}")
+    if getattr(args, "device", None):
+        out.append(f"train.device={args.device}")
+    if getattr(args, "seed", None) is not None:
+        out.append(f"data.seed={args.seed}")
+    return out
+
+
+def check_resumable(cfg) -> None:
+    """train.resume=require (`mshg train --resume`) on a run without a checkpoint: the error now, before
+    DeepSpeed or the launcher start (the trainer would give the same one after starting them)."""
+    if cfg.train.resume != "require":
+        return
+    from pipeline.checkpoint import latest_tag, nothing_to_resume
+
+    if not cfg.train.run_name:
+        raise ValueError("--resume (train.resume=require) needs the run to resume: --resume RUN, --run-name RUN "
+                         f"or train.run_name=RUN (a folder under train.out_dir={cfg.train.out_dir})")
+    checkpoints = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints"
+    if latest_tag(checkpoints) is None:
+        raise nothing_to_resume(checkpoints)
+
+
 def cmd_train(args) -> int:
+    from pipeline.config import batch_plan, load_config
+
+    args.overrides = [*args.overrides, *train_flag_overrides(args)]
+    cfg = load_config(args.config, args.overrides)  # bad configs fail here, before DeepSpeed or any rank starts
+    check_resumable(cfg)  # and so does --resume of a run without a checkpoint
     if args.ranks > 1:  # DeepSpeed's launcher starts the ranks; we repeat the run's summary at the end
-        from pipeline.config import batch_plan, load_config
         from pipeline.distributed import choose_device, launcher_devices
-        from pipeline.run_folder import SUMMARY_FILE, default_run_name
+        from pipeline.run_folder import SUMMARY_FILE, RunFolder, default_run_name
         from pipeline.train import open_shards
 
-        cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any rank starts
         batch_plan(cfg.train, args.ranks)  # and so does a batch that does not split over the ranks
         open_shards(cfg)  # and missing shards or a validation set of other joints
+        if cfg.train.init_from:  # and weights to fine-tune from that are not there
+            from pipeline.weights import resolve
+
+            resolve(cfg.train.init_from)
         run_name = default_run_name(cfg)  # fixed here, so that every rank and the summary agree
+        RunFolder(cfg.train.out_dir, run_name).check_free()  # and a run folder another run holds
         choose_device(cfg.train.device)  # the launcher counts devices of DS_ACCELERATOR's kind
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [launcher, *launcher_devices(args.ranks), "--master_port", str(args.master_port),
@@ -49,7 +98,7 @@ def cmd_train(args) -> int:
         elif code not in (0, 75):  # 75: checkpointed after a signal, the run is KILLED and resumable
             from pipeline.track import mark_failed
 
-            if mark_failed(cfg.train.experiment, run_name, f"a rank exited with code {code} (see the log above)"):
+            if mark_failed(Path(cfg.train.out_dir) / run_name, f"a rank exited with code {code} (see the log above)"):
                 print(f"mshg train: the ranks exited with code {code}; MLflow run {run_name} marked FAILED",
                       file=sys.stderr)
         return code
@@ -72,6 +121,18 @@ def writable(path: str | None, option: str) -> None:
         raise ValueError(f"{option} {path}: not writable (permission denied)")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        # not for flags (--no-flip, --val: their "default" is the dest's, not a value to give) nor an empty
+        # default; by identity, so that a default of 0 is shown
+        if (action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS
+                or action.default == [] or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def at_least_one(text: str) -> int:
     """argparse type of a count that must be >= 1 (argparse then names the option in its error)."""
     value = int(text)
@@ -86,6 +147,23 @@ def zoom_factors(text: str) -> list[float]:
         return [float(f) for f in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected zoom factors such as 0.9,1,1.15; got {text!r}") from None
+
+
+EVALUATE_DESCRIPTION = (
+    "Scores trained weights on a shard set with the metric of the dataset its manifest names: PCK@0.2 for LSP and "
+    "LSPET (a joint is correct within 0.2 x the torso, left shoulder to right hip); PCKh@0.5 for MPII (within "
+    "0.5 x the head size, as MPII's official script); COCO keypoint AP/AR (OKS, pycocotools, the set's per-joint "
+    "sigmas) for COCO and every COCO-format set (CrowdPose, ...); PCK@0.2 for any other set.")
+
+
+def package_version() -> str:
+    """The installed package's version (pyproject.toml), as `mshg --version` prints it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mshg")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed: pip install -e .)"
 
 
 SCALES_HELP = ("the multi-scale test's zoom factors instead of the run's eval.scales, e.g. 0.9,1,1.15 "
@@ -103,7 +181,23 @@ def cmd_predict(args) -> int:
     from pipeline import predict
 
     writable(args.out, "--out")
+    if args.format is None:
+        args.format = "jsonl" if args.out.endswith(".jsonl") else "json"
+    if args.coco_ids and args.format != "coco":
+        raise ValueError("--coco-ids goes with --format coco")
     return predict.main(args)
+
+
+def cmd_models(args) -> int:
+    from pipeline.weights import DEFAULT_MODEL, describe_shipped, shipped_models
+
+    models = shipped_models()
+    if not models:
+        raise FileNotFoundError("no shipped model is installed (pipeline/pretrained/ is empty)")
+    for name, path in models.items():
+        print(f"{name}{'  (default)' if name == DEFAULT_MODEL else ''}\n  {describe_shipped(path)}\n  card: "
+              f"{path.with_suffix('.md')}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -155,6 +249,42 @@ def cmd_propose_stop(args) -> int:
     return 0
 
 
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the shipped configs
+GPU_STATUS = "# gpu-status:"  # the machine-readable header line of a config: has it run on a GPU, and what
+
+
+def config_header(path: Path) -> tuple[str, str]:
+    """(purpose, gpu status) of a config file: its first comment line and its `# gpu-status:` line."""
+    purpose, status = "", "not stated (no `# gpu-status:` line)"
+    for line in path.read_text().splitlines():
+        if line.startswith(GPU_STATUS):
+            status = line[len(GPU_STATUS):].strip()
+        elif line.startswith("#") and not purpose:
+            purpose = line.lstrip("#").strip()
+    return purpose, status
+
+
+def cmd_config(args) -> int:
+    """`mshg config show CONFIG [key=value ...]`: the resolved config as YAML; `mshg config list`: the shipped ones."""
+    if args.action == "show":
+        from omegaconf import OmegaConf
+
+        from pipeline.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # overrides applied and validated: a bad key is a ConfigError
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return 0
+    paths = sorted(Path(args.dir).glob("*.yaml"))
+    if not paths:
+        raise FileNotFoundError(f"no *.yaml config in {args.dir}")
+    shown = [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else str(p) for p in paths]
+    width = max(len(name) for name in shown)
+    for path, name in zip(paths, shown):
+        purpose, status = config_header(path)
+        print(f"{name:{width}s}  {purpose}  [gpu-status: {status}]")
+    return 0
+
+
 def cmd_model_info(args) -> int:
     from pipeline.config import load_config
     from pipeline.model import describe
@@ -165,21 +295,37 @@ def cmd_model_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mshg", description="Multi-scale cascaded hourglass pose pipeline")
+    F = DefaultsFormatter  # every command's help shows its defaults
+    parser = argparse.ArgumentParser(prog="mshg", description="Multi-scale cascaded hourglass pose pipeline",
+                                     formatter_class=F)
+    parser.add_argument("--version", action="version", version=f"mshg {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_shard_commands(sub)
+    add_shard_commands(sub, formatter_class=F)
 
-    p = sub.add_parser("train", help="train a model (DeepSpeed; one process, or --ranks N through the launcher)")
+    p = sub.add_parser("train", help="train a model (DeepSpeed; one process, or --ranks N through the launcher)",
+                       formatter_class=F)
     p.add_argument("--config", required=True, help="YAML under configs/")
     p.add_argument("--ranks", type=int, default=1, help="processes on this machine (GPUs, or CPU ranks)")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-port", type=int, default=29500, help="the rendezvous port of the ranks (with --ranks > 1)")
+    # each flag is the override it names, appended after the key=value ones (train_flag_overrides)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="continue a run from its last checkpoint, an error if it has none (train.resume=require); "
+                        "RUN: the run's name (train.run_name=RUN)")
+    p.add_argument("--run-name", default=None, metavar="NAME",
+                   help="the run's folder under train.out_dir and its MLflow name (train.run_name=NAME; "
+                        "default: <config name>-<timestamp>)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=None,
+                   help="train.device: auto (CUDA if torch has it), cuda (an error without CUDA) or cpu; "
+                        "default: the config's")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="data.seed=N (default: the config's)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stop.max_steps=100")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="PCK@0.2 of trained weights on a shard set")
+    p = sub.add_parser("evaluate", help="the dataset's metric (PCK@0.2, PCKh@0.5 or COCO AP) of trained weights "
+                                        "on a shard set", description=EVALUATE_DESCRIPTION, formatter_class=F)
     p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or a .safetensors file")
     p.add_argument("--shards", required=True, help="a shard directory (with manifest.json)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=at_least_one, default=16, help="validation crops (or photos) a batch")
     p.add_argument("--out", default=None, help="also write the metrics as JSON here")
     p.add_argument("--sheet", default=None, metavar="PNG",
                    help="also draw a contact sheet of the first 16 validation crops (truth green, prediction red)")
@@ -198,29 +344,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "times on the box of the joints found; the surest refined crop wins (default 3)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="keypoints for images, as JSON in original image pixels")
-    p.add_argument("--checkpoint", required=True, help="a run directory (runs/NAME) or a .safetensors file")
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; images without one are searched (--passes)")
-    p.add_argument("--overlay", default=None, metavar="DIR", help="also write each image with its skeleton drawn here")
+    p = sub.add_parser("predict", help="keypoints for photos, folders, globs and videos (the shipped model by default)",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image files, folders (their images and videos), globs ('photos/**/*.jpg') or videos")
+    p.add_argument("--checkpoint", default=None,
+                   help="a shipped model's name (`mshg models`), a run folder (runs/NAME) or a .safetensors file; "
+                        "default: the shipped model")
+    p.add_argument("--out", default="predictions.json", help="file the predictions are written to, as they come")
+    p.add_argument("--format", choices=("json", "jsonl", "coco"), default=None,
+                   help="json: {joints, skeleton, predictions}; jsonl: one prediction a line; coco: COCO keypoint "
+                        "results for pycocotools (image ids from --coco-ids). Default: jsonl for a .jsonl --out, else json")
+    p.add_argument("--coco-ids", default=None, metavar="ANNOTATIONS.json",
+                   help="with --format coco: a COCO annotation file whose images[] give each file's image id")
+    p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; images without one are searched")
+    p.add_argument("--overlay", default=None, metavar="DIR", help="also draw each skeleton: DIR/<name>.jpg, a video DIR/<name>.mp4")
+    p.add_argument("--accurate", action="store_true",
+                   help="photos without a box: every pass at the run's full test (its zooms and the flip test), 3 crops "
+                        "refined: ~10x slower, a few points more accurate (docs/results/predict_speed.md)")
+    p.add_argument("--passes", type=at_least_one, default=None,
+                   help="photos without a box: refine the surest crops (passes - 1) times on the box of the joints "
+                        "found (default: 3)")
     p.add_argument("--no-flip", action="store_true", help="no flip test (faster, a little less accurate)")
     p.add_argument("--scales", type=zoom_factors, default=None, metavar="F,G,...", help=SCALES_HELP)
-    p.add_argument("--passes", type=at_least_one, default=3,
-                   help="photos without a box: the 3 surest of the whole photo and its windows, each refined (passes - 1) "
-                        "times on the box of the joints found; the surest refined crop wins (default 3)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=at_least_one, default=16, help="images a batch")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: a GPU when there is one")
-    p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="trained weights -> model.safetensors (from a DeepSpeed checkpoint) and/or ONNX")
+    p = sub.add_parser("models", help="the models shipped with the package (use one with --checkpoint NAME or "
+                                      "train.init_from=NAME)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("export", help="trained weights -> model.safetensors (from a DeepSpeed checkpoint) and/or ONNX",
+                       formatter_class=F)
     p.add_argument("--checkpoint", required=True, help="a run directory, a .safetensors file, or a DeepSpeed checkpoint")
     p.add_argument("--safetensors", default=None, metavar="OUT", help="write fp32 weights with their metadata here")
     p.add_argument("--onnx", default=None, metavar="OUT", help="write the ONNX model (last-module heatmaps) here")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("runs", help="recent MLflow runs: key params and final metrics, as a table")
-    p.add_argument("--experiment", default="mshg")
+    p = sub.add_parser("runs", help="recent MLflow runs: key params and final metrics, as a table", formatter_class=F)
+    p.add_argument("--experiment", default="mshg", help="the MLflow experiment (train.experiment)")
     p.add_argument("-n", "--limit", type=int, default=20, help="how many runs, newest first")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--compare", nargs="+", default=None, metavar="RUN",
@@ -228,20 +391,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("propose-stop", help="a convergence stop (expected loss, tolerance, window) from a "
-                                            "calibration run's loss and validation curves in MLflow")
+                                            "calibration run's loss and validation curves in MLflow", formatter_class=F)
     p.add_argument("run", help="the calibration run's name")
     p.add_argument("--within", type=float, default=2.0, help="points of the validation metric below its best at "
                                                             "which more training stops paying (default 2)")
-    p.add_argument("--experiment", default="mshg")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default="mshg", help="the MLflow experiment (train.experiment)")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.set_defaults(func=cmd_propose_stop)
 
-    p = sub.add_parser("model-info", help="parameter count and FLOPs of configs")
+    p = sub.add_parser("config", help="show a resolved config (after overrides) or list the shipped configs",
+                       formatter_class=F)
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("show", help="the config as training resolves it (its overrides applied, validated), as YAML",
+                           formatter_class=F)
+    q.add_argument("config", help="a YAML config, e.g. configs/lspet_cpu.yaml")
+    q.add_argument("overrides", nargs="*", help="key=value overrides, as `mshg train` takes them")
+    q = actions.add_parser("list", help="the shipped configs: each one's purpose (its first comment line) and "
+                                        "whether it has run on a GPU (its `# gpu-status:` line)", formatter_class=F)
+    q.add_argument("--dir", default=str(CONFIGS_DIR), help="the folder of configs")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("model-info", help="parameter count and FLOPs of configs", formatter_class=F)
     p.add_argument("configs", nargs="+", help="YAML files under configs/")
     p.add_argument("--joints", type=int, default=14, help="number of joints to size the heads for")
     p.set_defaults(func=cmd_model_info)
 
-    add_show_batch(sub)
+    add_show_batch(sub, formatter_class=F)
     return parser
 
 

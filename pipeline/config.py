@@ -113,7 +113,7 @@ class TrainConfig:
     # auto | bf16 | fp16 | fp32: mixed precision by torch.autocast (DeepSpeed's `torch_autocast`): convolutions
     # in the low precision, fp32 weights, optimizer state and BatchNorm statistics. fp16: GPUs only. auto: bf16
     # where the hardware computes it (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32: a CPU without
-    # them emulates bf16 ~10x slower than fp32 (docs/results.md, throughput)
+    # them emulates bf16 ~10x slower than fp32 (docs/results/throughput.md)
     precision: str = "auto"
     channels_last: bool = True  # NHWC activations: what oneDNN (CPU) and cuDNN tensor cores run fastest
     # heatmap pixels near a joint weigh 1 + loss_fg_weight times the background in the loss (targets.py); 0: plain MSE
@@ -133,10 +133,16 @@ class TrainConfig:
     # auto: continue from runs/<run_name>/checkpoints/latest when it exists; never: refuse to start
     # if the run already has checkpoints; require: refuse to start without one
     resume: str = "auto"
+    # fine-tuning: start from trained weights (a shipped model's name, see `mshg models`, a run folder or a
+    # .safetensors file) with a new optimizer, schedule and run; joints matched by name. "": random weights
+    init_from: str = ""
     experiment: str = "mshg"
     # the final model as an MLflow model (mlflow.pytorch, pt2) and its ONNX export, for the model registry:
     # 10-20 s of CPU after the run's summary is written
     log_model: bool = True
+    # seconds the run's end waits for that export (an H200 node's torch 2.11 took over 5 minutes, docs/gpu.md);
+    # past it the run ends without the MLflow model, with a warning. 0: no limit
+    log_model_timeout: float = 120.0
 
 
 @dataclass
@@ -281,6 +287,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stop.max_steps must be >= 1")
     if s.window < 1 or not 0 <= s.smoothing < 1:
         raise ConfigError("stop.window must be >= 1 and stop.smoothing in [0, 1)")
+    # every other number in its range, by name, here: out of range they failed late or wrongly (issue 48:
+    # train.log_every=0 after DeepSpeed and MLflow started, data.seed=-1 on rank 0 only, stop.max_epochs=-1
+    # stopped at step 0 with exit 0). A NaN or an infinity is out of every range.
+    ranges = [
+        ("model.hg_min_size", m.hg_min_size, ">= 1", lambda v: v >= 1),
+        ("data.train_weight", d.train_weight, "> 0", lambda v: v > 0),
+        ("data.padding", d.padding, "> 0", lambda v: v > 0),
+        ("data.sigma", d.sigma, "> 0", lambda v: v > 0),
+        ("data.rotation_deg", d.rotation_deg, ">= 0", lambda v: v >= 0),
+        ("data.seed", d.seed, f"in [0, {2**31 - 1}]", lambda v: 0 <= v <= 2**31 - 1),
+        ("stop.expected_loss", s.expected_loss, ">= 0 (0: no convergence rule)", lambda v: v >= 0),
+        ("stop.tolerance", s.tolerance, "> 0", lambda v: v > 0),
+        ("stop.max_epochs", s.max_epochs, ">= 0 (0: no epoch limit)", lambda v: v >= 0),
+        ("train.weight_decay", t.weight_decay, ">= 0", lambda v: v >= 0),
+        ("train.grad_clip", t.grad_clip, ">= 0 (0: no clipping)", lambda v: v >= 0),
+        ("train.lr_step_every", t.lr_step_every, ">= 0", lambda v: v >= 0),
+        ("train.lr_step_gamma", t.lr_step_gamma, "in (0, 1]", lambda v: 0 < v <= 1),
+        ("train.cos_min_ratio", t.cos_min_ratio, "in [0, 1]", lambda v: 0 <= v <= 1),
+        ("train.log_every", t.log_every, ">= 1", lambda v: v >= 1),
+        ("train.eval_every", t.eval_every, ">= 0 (0: at the end only)", lambda v: v >= 0),
+        ("train.log_model_timeout", t.log_model_timeout, ">= 0 seconds (0: no limit)", lambda v: v >= 0),
+    ]
+    ranges += [("data.scale_range", v, "finite", lambda v: True) for v in d.scale_range]
+    ranges += [(f"data.extra_sets[{k}].weight", x.weight, "> 0", lambda v: v > 0) for k, x in enumerate(d.extra_sets)]
+    for key, value, rule, ok in ranges:
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"{key} must be {rule}; got {value}")
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "step")

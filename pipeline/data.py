@@ -32,7 +32,7 @@ except ImportError as e:  # the extra that matches the machine's CUDA was not in
                       f"machines) or -e '.[cuda13]' (CUDA 13)") from None
 
 from pipeline.config import DataConfig
-from shards.format import DALI_EXTS, IMAGE_EXT, ShardSet
+from shards.format import DALI_EXTS, IMAGE_EXT, MIN_BOX_SIDE, ShardSet
 
 OUTPUTS = ["image", "keypoints", "flip", "matrix", "sample_id"]
 
@@ -72,7 +72,9 @@ def pose_pipeline(shards: ShardSet, cfg: DataConfig, train: bool, shard_id: int,
         whole = fn.cast(fn.random.coin_flip(probability=cfg.whole_image_prob), dtype=types.FLOAT)
         box = whole * fn.stack(wh[0] * 0.0, wh[1] * 0.0, wh[0], wh[1]) + (1.0 - whole) * box
     center = box[0:2] + box[2:4] * 0.5 + 0.5  # +0.5: pixel index -> continuous coordinates
-    zoom = size / (fn.reductions.max(box[2:4]) * cfg.padding)  # crop pixels per source pixel
+    # crop pixels per source pixel; the side clamped as in `augment_matrix`: a 0 x 0 box (one labelled joint,
+    # in shards written before the sharder skipped them) would make the zoom infinite and the keypoints NaN
+    zoom = size / (dmath.max(fn.reductions.max(box[2:4]), MIN_BOX_SIDE) * cfg.padding)
     # validation: the same ops with their ranges and probabilities collapsed, so the crop is deterministic
     lo, hi = cfg.scale_range if train else (1.0, 1.0)  # lo == hi: that scale, always
     zoom = zoom / (lo + (hi - lo) * fn.random.uniform(range=[0.0, 1.0]))  # scale > 1 shows more context

@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
 from pipeline.config import EvalConfig, validate
 from pipeline.distributed import gather_objects
-from pipeline.inference import crop_to_original, image_from_bytes, inference_device, predict_crops, predict_images
+from pipeline.inference import (ACCURATE, FAST, PhotoSearch, crop_to_original, image_from_bytes, inference_device,
+                                predict_crops, predict_images)
 from pipeline.plots import prediction_grid
 from pipeline.weights import load_trained
 from shards.datasets import LSP_JOINTS, MPII_JOINTS
@@ -141,21 +143,22 @@ class SampleResult:
 
 @torch.no_grad()
 def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: EvalConfig,
-                    flip_perm: list[int], keep_images: int = 0) -> dict[int, SampleResult]:
+                    flip_perm: list[int], keep_images: int = 0, progress: bool = True) -> dict[int, SampleResult]:
     """This rank's validation results by sample id; the crop is kept for the `keep_images` smallest
     sample ids this rank saw (the prediction grid of each evaluation shows these fixed images).
     The one evaluation of the project: training's evaluations and `mshg evaluate` both call it, in
     fp32, with the flip test unless `eval.flip=false`, decoded from `eval.modules`.
 
     A validation crop is a similarity transform of the image, so PCK (a ratio of distances) is the
-    same in crop and in original coordinates; PCKh and COCO AP map back with the matrix."""
+    same in crop and in original coordinates; PCKh and COCO AP map back with the matrix.
+    progress: a bar over the batches on stderr when it is a terminal (training's evaluations go without)."""
     from pipeline.data import unpack
 
     was_training = model.training
     model.eval()
     results: dict[int, SampleResult] = {}
     kept: list[int] = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=None if progress else True):
         b = unpack(batch, device)
         pred = predict_crops(model, b["image"], flip_perm if cfg.flip else None, cfg.modules, cfg.dark_kernel,
                              cfg.scales).cpu().numpy()
@@ -183,7 +186,7 @@ def evaluate_shards(model: torch.nn.Module, shards, cfg, batch_size: int, world,
     loader = build_loader(shards, cfg.data, batch_size, train=False, rank=world.rank, world_size=world.size,
                           device_id=device_id)
     results = evaluate_loader(model, loader, world.device, cfg.eval, shards.flip_permutation(),
-                              keep_images=keep_images if world.is_main else 0)
+                              keep_images=keep_images if world.is_main else 0, progress=False)
     merged = {}
     for part in gather_objects(results, world):
         merged.update(part)
@@ -341,18 +344,20 @@ def photo_samples(shards):
 
 
 def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,
-                    passes: int = 3) -> dict[int, SampleResult]:
+                    search: PhotoSearch = FAST) -> dict[int, SampleResult]:
     """`mshg predict` on the shard set's photographs, scored against their annotation: with each person's box
     (the validation box rule, `--boxes`), or bare (no box: pipeline.inference's coarse-to-fine rule,
     `predict_images`). Results in original pixels (an identity matrix), for `summarise`."""
     results: dict[int, SampleResult] = {}
     chunk: list = []
+    bar = tqdm(total=shards.num_samples, desc="evaluate", unit="photo", disable=None)  # None: off when not a terminal
 
     def flush():
         keypoints = predict_images(model, cfg, [p.image for p in chunk], [p.box if boxes else None for p in chunk],
-                                   flip_perm, passes)
+                                   flip_perm, search)
         for photo, pred in zip(chunk, keypoints):
             results[photo.idx] = SampleResult(pred, photo.keypoints, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
+        bar.update(len(chunk))
         chunk.clear()
 
     for sample in photo_samples(shards):
@@ -361,7 +366,21 @@ def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None
             flush()
     if chunk:
         flush()
+    bar.close()
     return results
+
+
+def joint_difference(shard_joints: list[str], model_joints: list[str]) -> str:
+    """Where two joint lists first differ, e.g. "joint 0 is 'left_ankle' in the shards but 'right_ankle' in the
+    model", after their counts when those differ."""
+    k = next(i for i in range(max(len(shard_joints), len(model_joints)))
+             if i >= len(shard_joints) or i >= len(model_joints) or shard_joints[i] != model_joints[i])
+
+    def name(joints: list[str]) -> str:
+        return repr(joints[k]) if k < len(joints) else "(none)"
+
+    counts = f"{len(shard_joints)} joints, the model {len(model_joints)}: " if len(shard_joints) != len(model_joints) else ""
+    return f"{counts}joint {k} is {name(shard_joints)} in the shards but {name(model_joints)} in the model"
 
 
 def describe_eval(cfg: EvalConfig, modules: int) -> str:
@@ -377,8 +396,9 @@ def main(args) -> int:
     device = inference_device(getattr(args, "device", "auto"))
     model, cfg, meta = load_trained(args.checkpoint, device)
     shards = ShardSet.open(args.shards)
-    if len(shards.joints) != len(meta["joints"]):
-        raise SystemExit(f"{args.shards}: {len(shards.joints)} joints, but the model predicts {len(meta['joints'])}")
+    if shards.joints != meta["joints"]:  # by name: the same count in another order would score silently wrong
+        raise ValueError(f"{args.shards}: its joints are not the model's ({joint_difference(shards.joints, meta['joints'])}); "
+                         f"evaluate on shards of the joint set the model was trained on")
     eval_cfg = dataclasses.replace(cfg.eval, flip=cfg.eval.flip and not getattr(args, "no_flip", False))
     if getattr(args, "modules", None):
         try:
@@ -399,10 +419,10 @@ def main(args) -> int:
         raise ValueError("--sheet draws the validation crops: leave out --photos")
     if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
         flip = shards.flip_permutation() if eval_cfg.flip else None
-        passes = getattr(args, "passes", 3)
-        results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size, passes)
+        search = (ACCURATE if getattr(args, "accurate", False) else FAST).with_passes(getattr(args, "passes", None))
+        results = evaluate_photos(model, cfg, shards, photos == "boxes", flip, args.batch_size, search)
         how = "mshg predict on the photographs, " + ("with each person box" if photos == "boxes" else
-                                                     f"bare: no box, {passes} passes")
+                                                     f"bare: no box, {search}")
     else:
         loader = build_loader(shards, cfg.data, batch_size=args.batch_size, train=False,
                               device_id=device.index or 0 if device.type == "cuda" else None)

@@ -5,10 +5,15 @@ predict through these functions; no DALI here.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 from pipeline.distributed import pick_device
 from pipeline.inputs import crop_matrix, to_model_input
@@ -143,24 +148,58 @@ def predict_crops(model: torch.nn.Module, images: torch.Tensor, flip_perm: list[
 BOX_SCORE = 0.1  # joints of a pass whose peak is at least this share of the best one frame the next
 # a pass with fewer confident joints found no person to frame: its crop stays as it was (1: always reframe)
 MIN_BOX_JOINTS = 1
-# A bare photo's first pass tries the whole photo and a 3x3 grid of square windows of each of these shares of
-# its longer side: a person small in a 96-px whole photo is found larger in a window. The FIRST_PASS_KEEP crops
-# whose joints the model is surest of (the highest mean peak) are each refined: every later pass crops the
-# confident joints' box grown by PASS_GROWS (pass 2 the first factor, later passes the last): x1.4 after the
-# coarse first pass (it misses extremities), x1.0 once a framed crop found them. The answer is the refined crop
-# the model is surest of: a framed person scores surer than a framed background, where the first pass's
-# small crops could not tell them apart. Validation bare photos, recipe r4 (docs/results.md): whole photo,
-# x1.4: 30.5 %; whole, x1.4, x1.0: 33.5; windows 0.6, x1.4, x1.0: 35.5; the same keeping 3: 38.7.
-FIRST_PASS_WINDOWS = (0.6,)
-FIRST_PASS_KEEP = 3
-PASS_GROWS = (1.4, 1.0)
+MIN_BOX_SIDE = 4.0  # pixels: the confident joints of a pass that span less (one joint) frame nothing
+
+
+@dataclass(frozen=True)
+class PhotoSearch:
+    """How a photo without a box is searched, coarse to fine. The first pass tries the whole photo and a 3x3
+    grid of square windows per share in `windows` of its longer side (a person small in the whole photo is
+    found larger in a window); the `keep` crops whose joints the model is surest of (the highest mean peak)
+    are each refined (passes - 1) times: every later pass crops the confident joints' box grown by `grows`
+    (pass 2 the first factor, later passes the last: x1.4 after the coarse first pass, which misses
+    extremities, x1.0 once a framed crop found them). The answer is the refined crop the model is surest of.
+    Zooms (`first_scales`, `scales`; None: the run's eval.scales) and the flip test (`first_flip`; the
+    refinement passes flip unless --no-flip) each multiply that pass's cost. What each costs and gives:
+    bench/predict_speed.py, docs/results/predict_speed.md."""
+    windows: tuple[float, ...] = (0.6,)
+    keep: int = 1
+    passes: int = 3
+    grows: tuple[float, ...] = (1.4, 1.0)
+    first_scales: tuple[float, ...] | None = (1.0,)
+    first_flip: bool = False
+    scales: tuple[float, ...] | None = (1.0,)
+
+    def with_passes(self, passes: int | None) -> "PhotoSearch":
+        return self if passes is None else dataclasses.replace(self, passes=passes)
+
+
+FAST = PhotoSearch()  # `mshg predict`'s default for photos without a box
+ACCURATE = PhotoSearch(keep=3, first_scales=None, first_flip=True, scales=None)  # --accurate: every pass at full test
 
 
 def read_image(path: str) -> np.ndarray:
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"{path}: cannot read or decode this image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """An image file -> RGB uint8, as a viewer shows it: EXIF orientation applied, grayscale and CMYK to RGB,
+    transparency laid over white, 16-bit and float images scaled to 8 bits."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read or decode this image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale: its own range to 0-255
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, -1)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
 
 
 def image_from_bytes(data: bytes, name: str) -> np.ndarray:
@@ -171,8 +210,16 @@ def image_from_bytes(data: bytes, name: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def usable_box(box) -> bool:
+    """A box (x0, y0, w, h) that frames something: finite, with a side of at least MIN_BOX_SIDE pixels."""
+    return box is not None and len(box) == 4 and all(math.isfinite(float(v)) for v in box) \
+        and max(float(box[2]), float(box[3])) >= MIN_BOX_SIDE
+
+
 def crop(image: np.ndarray, box, input_size: int, padding: float) -> tuple[np.ndarray, np.ndarray]:
     """-> (uint8 crop SxSx3, the 2x3 continuous-coordinate matrix that made it)."""
+    if not usable_box(box):
+        raise ValueError(f"box {box}: needs a width or height of at least {MIN_BOX_SIDE:g} pixels")
     m = crop_matrix(np.asarray(box, np.float64), input_size, padding)
     # OpenCV samples at integer pixel centres; shift the continuous-coordinate matrix by half a pixel
     m_index = m.astype(np.float64).copy()
@@ -183,43 +230,44 @@ def crop(image: np.ndarray, box, input_size: int, padding: float) -> tuple[np.nd
 
 
 def box_from_keypoints(keypoints: np.ndarray, grow: float = 1.0) -> list[float] | None:
-    """The box (x0, y0, w, h, as the shards store it) of a first pass's confident joints (J, 3), grown by
-    `grow` about its centre; None when fewer than MIN_BOX_JOINTS are confident."""
+    """The box (x0, y0, w, h, as the shards store it) of a pass's confident joints (J, 3), grown by `grow` about
+    its centre; None when fewer than MIN_BOX_JOINTS are confident or they span less than MIN_BOX_SIDE pixels."""
     confident = keypoints[keypoints[:, 2] >= BOX_SCORE * max(keypoints[:, 2].max(), 1e-6)]
     if len(confident) < MIN_BOX_JOINTS:
         return None
     x0, y0 = confident[:, :2].min(0)
     x1, y1 = confident[:, :2].max(0)
     w, h = (x1 - x0) * grow, (y1 - y0) * grow
-    return [float((x0 + x1 - w) / 2), float((y0 + y1 - h) / 2), float(w), float(h)]
+    box = [float((x0 + x1 - w) / 2), float((y0 + y1 - h) / 2), float(w), float(h)]
+    return box if usable_box(box) else None
 
 
-def photo_heatmaps(model, cfg, images: list[np.ndarray], boxes: list,
-                   flip_perm: list[int] | None) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """RGB images and their boxes (None: the whole photo) -> (heatmaps (N, J, H, W) of their crops, the heatmaps'
-    stride, the (N, 2, 3) matrices that made the crops), with the config's eval settings (modules, scales)."""
+def photo_heatmaps(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None,
+                   scales=None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """RGB images and their boxes -> (heatmaps (N, J, H, W) of their crops, the heatmaps' stride, the (N, 2, 3)
+    matrices that made the crops), decoded from the run's eval.modules, at `scales` (None: eval.scales)."""
     size, padding = cfg.data.input_size, cfg.data.padding
     crops, matrices = zip(*(crop(image, box, size, padding) for image, box in zip(images, boxes)))
     device = next(model.parameters()).device
     heatmaps, stride = crop_heatmaps(model, torch.from_numpy(np.stack(crops)).to(device), flip_perm,
-                                     cfg.eval.modules, cfg.eval.scales)
+                                     cfg.eval.modules, cfg.eval.scales if scales is None else scales)
     return heatmaps.cpu(), stride, torch.from_numpy(np.stack(matrices))
 
 
-def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None) -> np.ndarray:
-    """RGB images and their boxes (None: the whole photo) -> keypoints (N, J, 3) in original pixels
-    (x, y, peak score)."""
-    heatmaps, stride, matrices = photo_heatmaps(model, cfg, images, boxes, flip_perm)
+def predict_batch(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None,
+                  scales=None) -> np.ndarray:
+    """RGB images and their boxes -> keypoints (N, J, 3) in original pixels (x, y, peak score)."""
+    heatmaps, stride, matrices = photo_heatmaps(model, cfg, images, boxes, flip_perm, scales)
     keypoints = decode_heatmaps(heatmaps, stride, dark_kernel=cfg.eval.dark_kernel)
     xy = crop_to_original(keypoints[..., :2], matrices)
     return torch.cat([xy, keypoints[..., 2:]], -1).numpy()
 
 
-def first_pass_boxes(image: np.ndarray) -> list[list[float]]:
-    """The whole photo, then a 3x3 grid of square windows per FIRST_PASS_WINDOWS share (x0, y0, w, h)."""
+def first_pass_boxes(image: np.ndarray, windows: tuple[float, ...] = FAST.windows) -> list[list[float]]:
+    """The whole photo, then a 3x3 grid of square windows per share of its longer side (x0, y0, w, h)."""
     h, w = image.shape[:2]
     boxes = [[0.0, 0.0, float(w), float(h)]]
-    for share in FIRST_PASS_WINDOWS:
+    for share in windows:
         side = share * max(h, w)
         # corner to corner; a window longer than the photo's short side is centred on it that way
         for cy in np.linspace(min(side, h) / 2, max(h - side / 2, h / 2), 3):
@@ -229,31 +277,32 @@ def first_pass_boxes(image: np.ndarray) -> list[list[float]]:
 
 
 def predict_images(model, cfg, images: list[np.ndarray], boxes: list, flip_perm: list[int] | None,
-                   passes: int = 3) -> np.ndarray:
-    """A box where one is given. Where none is: every first-pass crop (first_pass_boxes), the FIRST_PASS_KEEP
-    surest of them each refined (passes - 1) times on the box of the joints found, grown by PASS_GROWS; the
-    answer is the surest of those refined crops."""
+                   search: PhotoSearch = FAST) -> np.ndarray:
+    """Keypoints (N, J, 3) in original pixels. An image with a box: its crop at the run's full test (eval.scales,
+    the flip test with `flip_perm`). One without (None): searched as `search` says (PhotoSearch)."""
     keypoints = [None] * len(images)
     given = [(i, b) for i, b in enumerate(boxes) if b is not None]
     if given:
         for (i, _), kp in zip(given, predict_batch(model, cfg, [images[i] for i, _ in given],
                                                    [b for _, b in given], flip_perm)):
             keypoints[i] = kp
-    first = [(i, box) for i, b in enumerate(boxes) if b is None for box in first_pass_boxes(images[i])]
+    first = [(i, box) for i, b in enumerate(boxes) if b is None for box in first_pass_boxes(images[i], search.windows)]
     if not first:
         return np.stack(keypoints)
-    found = predict_batch(model, cfg, [images[i] for i, _ in first], [box for _, box in first], flip_perm)
+    found = predict_batch(model, cfg, [images[i] for i, _ in first], [box for _, box in first],
+                          flip_perm if search.first_flip else None, search.first_scales)
     crops = {}  # bare photo -> its first-pass keypoints, one per crop
     for (i, _), kp in zip(first, found):
         crops.setdefault(i, []).append(kp)
     kept = [(i, kp) for i, kps in crops.items()  # (photo, keypoints) of its surest crops
-            for kp in sorted(kps, key=lambda kp: -kp[:, 2].mean())[:FIRST_PASS_KEEP]]
-    for k in range(passes - 1):
-        grow = PASS_GROWS[min(k, len(PASS_GROWS) - 1)]
+            for kp in sorted(kps, key=lambda kp: -kp[:, 2].mean())[:search.keep]]
+    for k in range(search.passes - 1):
+        grow = search.grows[min(k, len(search.grows) - 1)]
         tries = [(n, box) for n, (i, kp) in enumerate(kept) if (box := box_from_keypoints(kp, grow)) is not None]
         if not tries:
             break
-        found = predict_batch(model, cfg, [images[kept[n][0]] for n, _ in tries], [box for _, box in tries], flip_perm)
+        found = predict_batch(model, cfg, [images[kept[n][0]] for n, _ in tries], [box for _, box in tries],
+                              flip_perm, search.scales)
         for (n, _), kp in zip(tries, found):
             kept[n] = (kept[n][0], kp)
     for i, kp in kept:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.targets import make_targets, swap_flipped
+from shards.format import MIN_BOX_SIDE
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -61,7 +62,8 @@ def augment_matrix(box, input_size: int, padding: float, scale: float = 1.0, ang
     ([[cos, -sin], [sin, cos]], clockwise on screen since y points down), move to the crop centre.
     With scale 1, angle 0 and no flip it is `crop_matrix`."""
     x0, y0, w, h = [float(v) for v in box]
-    zoom = input_size / (max(w, h) * padding) / scale
+    # a box of one point (a person with one labelled joint) would divide by 0: its side clamped, as DALI's is
+    zoom = input_size / (max(w, h, MIN_BOX_SIDE) * padding) / scale
     cx, cy = x0 + w / 2 + 0.5, y0 + h / 2 + 0.5
     a = math.radians(angle)
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])

@@ -240,6 +240,6 @@ def describe(cfg: Config, num_joints: int = 16) -> str:
 
 
 if __name__ == "__main__":
-    # python -m pipeline.model configs/msc_hg.yaml configs/stacked_hg8.yaml configs/msc_hg_cpu.yaml
-    paths = sys.argv[1:] or ["configs/msc_hg.yaml"]
+    # python -m pipeline.model configs/lspet_gpu.yaml configs/lspet_gpu_stacked.yaml configs/msc_hg_cpu.yaml
+    paths = sys.argv[1:] or ["configs/lspet_gpu.yaml"]
     print(describe_table([load_config(p) for p in paths]))

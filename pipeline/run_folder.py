@@ -9,13 +9,18 @@ model.safetensors is written by pipeline.weights, checkpoints/ by pipeline.check
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, save_config
 
-LOG_FILE, SUMMARY_FILE, CONFIG_FILE = "train.log", "summary.txt", "config.yaml"
+LOG_FILE, SUMMARY_FILE, CONFIG_FILE, LOCK_FILE = "train.log", "summary.txt", "config.yaml", ".lock"
+# the run's MLflow run id, written by the tracker when the run starts: how `mshg train --ranks N` finds the
+# run to mark FAILED after a rank died (pipeline.track.mark_failed), never another run of the same name
+RUN_ID_FILE = "mlflow_run_id"
 
 
 def default_run_name(cfg: Config) -> str:
@@ -39,6 +44,33 @@ class RunFolder:
         self.path = Path(out_dir) / run_name
         self.is_main = is_main
         writable_dir(self.path, "train.out_dir")
+
+    def lock(self) -> None:
+        """Rank 0 holds the folder for the run's life: a second run of the same name (a sweep, two jobs) fails at
+        once naming the holder, instead of the two deleting each other's checkpoints. An flock: the kernel
+        releases it when the process ends, crash and SIGKILL included, so a resume or a requeue takes it again."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"{self.path}: in use by another run ({holder}); wait for it to end or give this "
+                              f"run another train.run_name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
+        f.flush()
+        self._lock_file = f  # kept open: closing it would release the lock
+
+    def check_free(self) -> None:
+        """Fail now if another run holds the folder (the launcher's check before it starts the ranks)."""
+        if (self.path / LOCK_FILE).is_file():
+            self.lock()
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
 
     @property
     def log_file(self) -> Path:

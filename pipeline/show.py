@@ -11,6 +11,7 @@ validation crop with --val), each with
 """
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -125,17 +126,19 @@ def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool
     return out_path
 
 
-def add_command(sub) -> None:
-    """`mshg show-batch`, registered by pipeline/cli.py."""
-    p = sub.add_parser("show-batch", help="a grid of augmented crops with skeletons and heatmaps (PNG)")
+def add_command(sub, formatter_class=argparse.HelpFormatter) -> None:
+    """`mshg show-batch`, registered by pipeline/cli.py (with its help formatter)."""
+    p = sub.add_parser("show-batch", help="a grid of augmented crops with skeletons and heatmaps (PNG)",
+                       formatter_class=formatter_class)
     p.add_argument("--config", required=True, help="YAML under configs/")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--shards", default=None, help="shard directory (default: the config's train or val shards)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", dest="train", action="store_true", default=True, help="the training recipe (default)")
     mode.add_argument("--val", dest="train", action="store_false", help="the validation crop")
-    p.add_argument("--batch", type=int, default=8, help="crops in the grid")
+    p.add_argument("--batch-size", type=int, default=8, help="crops in the grid (one batch)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--stride", type=int, default=4, help="heatmap resolution to overlay (2, 4 or 8)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seed=3")
-    p.set_defaults(func=lambda args: show_batch(args.config, args.out, args.shards, args.train, args.batch,
+    p.set_defaults(func=lambda args: show_batch(args.config, args.out, args.shards, args.train, args.batch_size,
                                                 args.stride, overrides=args.overrides) and 0)

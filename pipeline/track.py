@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from datetime import datetime
@@ -37,12 +39,24 @@ from PIL import Image
 
 from pipeline.export import HeatmapModel, export_model_onnx, onnx_metadata
 from pipeline.plots import loss_curves
+from pipeline.run_folder import RUN_ID_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # MLflow's HTTP defaults (7 retries with a backoff factor of 2, 120 s timeout) can stall a step
 # for minutes when the server is gone; these apply unless the environment sets its own
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def mask_credentials(text: str) -> str:
+    """`https://user:token@host/...` -> `https://***@host/...`, in a URI or in any text holding one (MLflow's
+    errors name the URL they called): a token in MLFLOW_TRACKING_URI must not reach a terminal, a log or
+    summary.txt. Everything the tracker prints or writes about the store goes through it."""
+    return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@", r"\1***@", text)
+
+
+def warn(message: str) -> None:
+    warnings.warn(mask_credentials(message), stacklevel=2)  # the line that warned, as before
 
 
 def git_tags(repo: Path = REPO) -> dict[str, str]:
@@ -62,6 +76,30 @@ def git_tags(repo: Path = REPO) -> dict[str, str]:
             "mlflow.source.git.branch": branch}
 
 
+def within(seconds: float, fn, *args, **kwargs) -> bool:
+    """fn(*args, **kwargs) in a daemon thread, waited for at most `seconds` (0: no limit): True when it returned
+    (an exception it raised is raised here), False when the time ran out: it is left running, and the process may
+    end under it. The thread sees the caller's active MLflow run (MLflow keeps the active run per thread)."""
+    runs = list(fluent._active_run_stack.get())
+    error: list[BaseException] = []
+
+    def work():
+        fluent._active_run_stack.get().extend(runs)
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=work, name=f"mshg-{getattr(fn, '__name__', 'call')}", daemon=True)
+    thread.start()
+    thread.join(seconds or None)
+    if thread.is_alive():
+        return False
+    if error:
+        raise error[0]
+    return True
+
+
 def once_more_if_raced(fn, *args, **kwargs):
     """Runs started together race on the store's check-then-insert rows (the experiment's kind tag, a
     dataset): each finds none and inserts it, and the second insert breaks the row's unique key (seen
@@ -75,6 +113,10 @@ def once_more_if_raced(fn, *args, **kwargs):
 
 
 class Tracker:
+    # waits (s) before each further try of the run's end status once the store has failed: a brief outage
+    # must not leave the run RUNNING forever. Each try has MLflow's own capped retries (HTTP_DEFAULTS)
+    END_RETRIES = (1.0, 3.0, 6.0)
+
     def __init__(self, enabled: bool, experiment: str = "mshg", run_name: str = "", run_id: str | None = None,
                  tags: dict | None = None, system_metrics: bool = True):
         self.enabled = enabled
@@ -83,12 +125,17 @@ class Tracker:
         self._pending: list = []
         self._failed = False
         self._logged_until: dict[str, int] = {}  # metric -> last step already in the store (resumed runs)
+        self._lost: dict[str, tuple[int, int]] = {}  # metric -> (first, last) step not sent: the store had failed
         if not enabled:
             return
         self._mlflow = mlflow
         if mlflow.get_tracking_uri().startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+        if mask_credentials(mlflow.get_tracking_uri()) != mlflow.get_tracking_uri():
+            # MLflow's own "View run ... at: URL" line on end_run prints the URI whole, token included;
+            # the run's summary has the masked link instead
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.client = MlflowClient()
         self._metric = mlflow.entities.Metric
         tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
@@ -114,7 +161,7 @@ class Tracker:
                                        log_system_metrics=system_metrics)
         except Exception as e:  # no store at the start: train anyway, untracked
             self._failed = True
-            warnings.warn(f"MLflow start_run failed ({type(e).__name__}: {e}); training continues without tracking")
+            warn(f"MLflow start_run failed ({type(e).__name__}: {e}); training continues without tracking")
             return
         self.run_id = run.info.run_id
 
@@ -140,7 +187,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # the tracking store is not worth a training run
             self._failed = True
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues without tracking")
+            warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues without tracking")
             return None
 
     def log_datasets(self, shard_sets: list[tuple[object, str]]) -> None:
@@ -173,7 +220,25 @@ class Tracker:
         if self.enabled and self._pending:
             pending, self._pending = self._pending, []
             for i in range(0, len(pending), 1000):  # MLflow limits a batch to 1000 metrics
-                self._guard("log_metrics", self.client.log_batch, self.run_id, metrics=pending[i:i + 1000])
+                batch = pending[i:i + 1000]
+                self._guard("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
+                if self._failed:  # dropped: counted, so that the summary can say what the store misses
+                    for m in batch:
+                        first, last = self._lost.get(m.key, (m.step, m.step))
+                        self._lost[m.key] = (min(first, m.step), max(last, m.step))
+
+    def lost_metrics(self) -> str:
+        """The metrics the store misses since it failed, by step range: "steps 12-90: loss/total, lr; step 50:
+        pck"; "" when nothing was lost (or there was never a run to log to)."""
+        if self._failed:
+            self.flush()  # no request once failed: what is pending is lost too
+        if not self.run_id:
+            return ""
+        ranges: dict[tuple[int, int], list[str]] = {}
+        for key, steps in sorted(self._lost.items()):
+            ranges.setdefault(steps, []).append(key)
+        return "; ".join((f"steps {a}-{b}" if a != b else f"step {a}") + f": {', '.join(keys)}"
+                         for (a, b), keys in sorted(ranges.items()))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -225,7 +290,7 @@ class Tracker:
                 onnx_path = export_model_onnx(model, input_size, Path(tmp) / "model.onnx",
                                               onnx_metadata(joints, flip_pairs, input_size, int(model.strides[-1])))
             except Exception as e:
-                warnings.warn(f"ONNX export failed ({type(e).__name__}: {e}); the run has no onnx/model.onnx")
+                warn(f"ONNX export failed ({type(e).__name__}: {e}); the run has no onnx/model.onnx")
             else:
                 self.log_artifact(onnx_path, "onnx")
             if self._failed:
@@ -239,7 +304,7 @@ class Tracker:
                                                          "input_size": input_size,
                                                          "stride": int(model.strides[-1])})
             except Exception as e:
-                warnings.warn(f"mlflow.pytorch.log_model failed ({type(e).__name__}: {e}); the run has no model")
+                warn(f"mlflow.pytorch.log_model failed ({type(e).__name__}: {e}); the run has no model")
 
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
@@ -248,11 +313,38 @@ class Tracker:
         if not self._failed:
             self._guard("end_run", self._mlflow.end_run, status=status)
         if self._failed:
+            if self.run_id:
+                self._end_after_outage(status)
             abandon_local_run(self.run_id)
+
+    def _end_after_outage(self, status: str) -> bool:
+        """The store failed during the run (what followed was dropped): set the end status anyway, with what
+        was lost as the tag `tracking_gap`, tried 1 + len(END_RETRIES) times; a line when it stays RUNNING."""
+        lost = self.lost_metrics()
+        error: Exception | None = None
+        for wait in (0.0, *self.END_RETRIES):
+            time.sleep(wait)
+            try:
+                self.client.set_terminated(self.run_id, status)
+            except Exception as e:  # still away: wait and try again
+                error = e
+                continue
+            try:  # the status is what matters; the gap's tag is a courtesy
+                self.client.set_tag(self.run_id, "tracking_gap", f"not recorded: {lost}"[:5000] if lost else
+                                    "the tracking store failed during the run: tags or artifacts are missing")
+            except Exception:
+                pass
+            return True
+        warn(f"the end status {status} of MLflow run {self.run_id} could not be recorded in "
+             f"{1 + len(self.END_RETRIES)} tries ({type(error).__name__}: {error}); it stays RUNNING in the store")
+        return False
 
     def log_run_inputs(self, datasets: list, params: dict, config_file, deepspeed_config: dict) -> None:
         """A new run's records: its shard sets as dataset inputs, the flattened config as params, the
-        config file and DeepSpeed's derived config as artifacts."""
+        config file and DeepSpeed's derived config as artifacts. The run id goes into the run folder first
+        (beside config.yaml): from then on a rank's death marks this run FAILED."""
+        if config_file:
+            self.record_run_id(Path(config_file).parent)
         self.log_datasets(datasets)
         self.log_params(params)
         if config_file:
@@ -260,7 +352,22 @@ class Tracker:
         self.log_dict(deepspeed_config, "deepspeed_config.json")
 
     def ui_command(self) -> str:
-        return ui_command(self.tracking_uri, self.experiment_id)
+        """How to look at the run (the summary's MLflow line), and what the store misses if it failed mid-run."""
+        line = ui_command(self.tracking_uri, self.experiment_id)
+        lost = self.lost_metrics() if self.enabled else ""
+        if lost:
+            line += (f"\n  incomplete: the tracking store failed during the run; not recorded in MLflow: {lost} "
+                     f"(nor the tags, artifacts and model sent after the failure)")
+        return line
+
+    def record_run_id(self, folder: Path) -> None:
+        """The run id into the run folder (RUN_ID_FILE), at the start: if a rank dies, the launcher marks
+        exactly this run FAILED (`mark_failed`), before any checkpoint holds the id."""
+        if self.enabled and self.run_id:
+            try:
+                (Path(folder) / RUN_ID_FILE).write_text(self.run_id + "\n")
+            except OSError as e:  # bookkeeping is not worth the training
+                warn(f"MLflow run id not written to {folder} ({e}); a failed multi-rank run stays RUNNING")
 
 
 def shard_dataset(shards, split: str):
@@ -298,6 +405,7 @@ def ui_command(uri: str, experiment_id: str | None) -> str:
     MLflow 3.17's UI opens experiments in its GenAI view unless the URL (or its toggle at the top left)
     says `workflowType=machine_learning`."""
     page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ""
+    uri = mask_credentials(uri)  # the user has the token; the line goes to logs and summary.txt
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/{page} in a browser"
     # the mlflow next to this interpreter: the venv's, which may not be on the user's PATH
@@ -320,24 +428,44 @@ def abandon_local_run(run_id: str | None) -> None:
         pass
 
 
-def mark_failed(experiment: str, run_name: str, error: str) -> bool:
+def run_id_of(run_folder: str | Path) -> str | None:
+    """The MLflow run id of a run folder: what its tracker wrote at the start (RUN_ID_FILE), else what its
+    latest checkpoint holds (runs started before that file existed); None when neither says."""
+    from pipeline.checkpoint import LATEST, META
+
+    folder = Path(run_folder)
+    try:
+        return (folder / RUN_ID_FILE).read_text().strip() or None
+    except OSError:
+        pass
+    try:
+        tag = (folder / "checkpoints" / LATEST).read_text().strip()
+        return json.loads((folder / "checkpoints" / tag / META).read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_failed(run_folder: str | Path, error: str) -> bool:
     """After a multi-rank run ended badly: a rank that raised could not tell MLflow (only rank 0 tracks,
     and the launcher then ended rank 0 too), so its run would stay RUNNING. Mark it FAILED with the
-    error as a tag; False when there is no such running run (rank 0 recorded the end itself)."""
+    error as a tag; False when the run folder names no run or its run is not RUNNING (rank 0 recorded
+    the end itself). By the id in the run folder, not by name: on a shared server another user's run
+    may have the same name."""
+    run_id = run_id_of(run_folder)
+    if run_id is None:
+        return False
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
         client = MlflowClient()
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'") if exp else []
-        running = [r for r in runs if r.info.status == "RUNNING"]
-        for run in running:
-            client.set_tag(run.info.run_id, "error", error[:5000])
-            client.set_tag(run.info.run_id, "stop_reason", "failed")
-            client.set_terminated(run.info.run_id, "FAILED")
-        return bool(running)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "error", error[:5000])
+        client.set_tag(run_id, "stop_reason", "failed")
+        client.set_terminated(run_id, "FAILED")
+        return True
     except Exception as e:  # the store is not worth a traceback after a failed run
-        warnings.warn(f"could not mark MLflow run {run_name!r} FAILED ({type(e).__name__}: {e})")
+        warn(f"could not mark MLflow run {run_id} of {run_folder} FAILED ({type(e).__name__}: {e})")
         return False
 
 
@@ -440,8 +568,9 @@ def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
                compare: list[str] | None = None) -> int:
     """`mshg runs`: the table, newest first, and how to see more; `--compare A B ...`: those runs side by side."""
     uri = tracking_uri or tracking_uri_hint()
+    shown = mask_credentials(uri)  # what is printed: never a token
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        print(f"no MLflow store at {uri} (run from the directory you trained in, or give --tracking-uri)")
+        print(f"no MLflow store at {shown} (run from the directory you trained in, or give --tracking-uri)")
         return 1
     if uri.startswith(("http://", "https://")):  # a terminal command: fail in seconds, not after minutes of retries
         os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
@@ -453,15 +582,15 @@ def print_runs(experiment: str = "mshg", limit: int = 20, tracking_uri: str | No
     except ValueError:
         raise
     except Exception as e:  # an unreachable or refusing server: one line
-        cause = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        print(f"mshg runs: error: cannot read runs from {uri} ({cause})", file=sys.stderr)
+        cause = mask_credentials(str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+        print(f"mshg runs: error: cannot read runs from {shown} ({cause})", file=sys.stderr)
         return 2
     if not rows:
-        print(f"no runs in experiment {experiment!r} at {uri}")
+        print(f"no runs in experiment {experiment!r} at {shown}")
         return 1
     print(format_table(rows))
     page = "#/experiments?workflowType=machine_learning"  # MLflow 3.17 opens its GenAI view otherwise
-    ui = (f"open {uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://"))
-          else f"mlflow ui --backend-store-uri {uri} --port 5000, then http://127.0.0.1:5000/{page}")
-    print(f"\n{len(rows)} run(s) of {experiment!r} at {uri}; compare them in the UI: {ui}")
+    ui = (f"open {shown.rstrip('/')}/{page}" if uri.startswith(("http://", "https://"))
+          else f"mlflow ui --backend-store-uri {shown} --port 5000, then http://127.0.0.1:5000/{page}")
+    print(f"\n{len(rows)} run(s) of {experiment!r} at {shown}; compare them in the UI: {ui}")
     return 0

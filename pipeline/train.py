@@ -41,8 +41,8 @@ from pipeline.run_folder import CONFIG_FILE, RunFolder, default_run_name
 from pipeline.schedule import deepspeed_scheduler, make_scheduler
 from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, StopSignals, reason_code, reason_from_code
 from pipeline.targets import cascade_loss
-from pipeline.track import Tracker
-from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint, load_trained
+from pipeline.track import Tracker, warn, within
+from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint, init_from, load_trained
 from shards.format import ShardSet
 
 # deepspeed is imported inside the functions that use it, after distributed.init has set DS_ACCELERATOR:
@@ -131,7 +131,7 @@ def aligned_param_groups(params) -> list[dict]:
     on an H200, docs/gpu.md), and one 14-float bias (a heatmap head's) shifts all that follow it: so the
     parameters whose size is a multiple of 16 bytes form one group, and each other one a group of its own.
     GPUs only: CPU kernels take unaligned views, and ZeRO's step costs per group (the stacked twin's
-    75 channels make ~half its tensors odd: 3.5x slower steps on the CPU, docs/results.md)."""
+    75 channels make ~half its tensors odd: 3.5x slower steps on the CPU, docs/results/throughput.md)."""
     params = list(params)
     odd = [p for p in params if p.numel() * p.element_size() % 16]
     return [{"params": [p for p in params if p.numel() * p.element_size() % 16 == 0]}] + [{"params": [p]} for p in odd]
@@ -176,13 +176,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def build_engine(cfg: Config, world: distributed.World, num_joints: int, minutes, align_views: bool | None = None):
-    """The model, its optimizer and learning-rate schedule (over `minutes()` when the budget is in time),
-    in DeepSpeed's engine; parameters 16-byte aligned on a GPU (`aligned_param_groups`) unless `align_views`
-    says otherwise."""
+def build_engine(cfg: Config, world: distributed.World, joints: list[str], minutes, align_views: bool | None = None,
+                 log=print):
+    """The model (from train.init_from's weights when set), its optimizer and learning-rate schedule (over
+    `minutes()` when the budget is in time), in DeepSpeed's engine; parameters 16-byte aligned on a GPU
+    (`aligned_param_groups`) unless `align_views` says otherwise."""
     import deepspeed
 
-    model = build_model(cfg.model, num_joints, cfg.data.input_size)
+    model = build_model(cfg.model, len(joints), cfg.data.input_size)
+    if cfg.train.init_from:  # fine-tuning: trained weights, but a new optimizer, schedule and run
+        log(init_from(model, cfg.train.init_from, list(joints)))
     if align_views is None:
         align_views = world.device.type == "cuda"
     optimizer = make_optimizer(cfg, model.parameters(), align_views)
@@ -265,6 +268,8 @@ class Trainer:
         seed_everything(cfg.data.seed + self.world.rank)
         self.folder = RunFolder(cfg.train.out_dir, distributed.broadcast_object(default_run_name(cfg), self.world),
                                 self.world.is_main)
+        if self.world.is_main:
+            self.folder.lock()  # a second run of this name fails here, naming the holder
         self.log = self.folder.log  # rank 0's line on stdout and in train.log
         self.signals = StopSignals(self.log)  # early: a signal during start-up is acted on after the first step
         self.checkpointer = Checkpointer(self.folder.path / "checkpoints", cfg.train.keep_checkpoints, self.world)
@@ -273,7 +278,8 @@ class Trainer:
         self.train_shards, self.val_shards, self.extra_shards = open_shards(cfg)
         self.flip_perm = self.train_shards.flip_permutation()
         self.minutes = 0.0  # training minutes spent, as all ranks agreed at the last step (decide_stop)
-        self.engine, self.scheduler = build_engine(cfg, self.world, len(self.train_shards.joints), lambda: self.minutes)
+        self.engine, self.scheduler = build_engine(cfg, self.world, self.train_shards.joints, lambda: self.minutes,
+                                                   log=self.log)
         self.strides = self.engine.module.strides
         self.ema = WeightAverage(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.dali_device = distributed.device_index(self.world)
@@ -510,9 +516,17 @@ def publish_run(cfg: Config, folder: RunFolder, tracker: Tracker, metrics: dict 
     tracker.log_loss_curves(stages)
     print(folder.write_summary(headline(metrics) if metrics else None, checkpoint, weights, reason, step,
                                tracker.run_id, tracker.ui_command(), seconds), flush=True)
-    if weights and cfg.train.log_model:
+    if weights and cfg.train.log_model:  # bounded: the run's end must not hang in the export (docs/gpu.md)
         model, _, meta = load_trained(weights)
-        tracker.log_model(model, cfg.data.input_size, meta["joints"], meta["flip_pairs"])
+        if not within(cfg.train.log_model_timeout, tracker.log_model, model, cfg.data.input_size, meta["joints"],
+                      meta["flip_pairs"]):
+            warn(log_model_timed_out(cfg.train.log_model_timeout))
+
+
+def log_model_timed_out(seconds: float) -> str:
+    return (f"the MLflow model export did not finish within train.log_model_timeout={seconds:g} s: the run ends "
+            f"without its MLflow model (its weights, checkpoint and summary are written; `mshg export` makes the "
+            f"ONNX model). Raise train.log_model_timeout, or set train.log_model=false to skip the export")
 
 
 def record_failure(trainer: Trainer, error: BaseException) -> str:

@@ -3,6 +3,9 @@
 `runs/NAME/model.safetensors` holds the fp32 state dict and, in its metadata, the resolved config
 (YAML) and the joint names and flip pairs of the dataset it was trained on. safetensors never
 unpickles, so a downloaded file cannot run code.
+
+Shipped models lie in pipeline/pretrained/ (NAME.safetensors, its model card NAME.md beside it):
+`mshg predict` uses DEFAULT_MODEL when given no checkpoint, and `train.init_from=NAME` fine-tunes one.
 """
 from __future__ import annotations
 
@@ -19,33 +22,63 @@ from pipeline.model import build_model
 from shards.datasets import skeleton_for
 
 WEIGHTS_FILE = "model.safetensors"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_MODEL = "mshg-lspet-112"
+
+
+def shipped_models() -> dict[str, Path]:
+    """{name: weights file} of the models that come with the package."""
+    return {p.stem: p for p in sorted(PRETRAINED_DIR.glob("*.safetensors"))}
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Config, joints: list[str],
-                 flip_pairs: list[list[int]], skeleton: list[list[int]] | None = None) -> Path:
+                 flip_pairs: list[list[int]], skeleton: list[list[int]] | None = None,
+                 dtype: torch.dtype = torch.float32, card: dict | None = None) -> Path:
+    """The weights (floating tensors as `dtype`: fp16 halves a shipped model) and their metadata; `card`: the
+    headline figures `mshg models` prints."""
     path = Path(path)
-    tensors = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+    tensors = {k: v.detach().to(dtype).contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
                for k, v in state_dict.items()}
     meta = {"config": OmegaConf.to_yaml(OmegaConf.structured(cfg)), "joints": json.dumps(joints),
             "flip_pairs": json.dumps(flip_pairs), "skeleton": json.dumps(skeleton or [])}
+    if card:
+        meta["card"] = json.dumps(card)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # a reader never sees half a file
     return path
 
 
-def resolve(checkpoint: str | Path) -> Path:
-    """A run directory or a .safetensors file -> the weights file."""
+def resolve(checkpoint: str | Path | None) -> Path:
+    """A shipped model's name (None: DEFAULT_MODEL), a run directory or a .safetensors file -> the weights file."""
+    shipped = shipped_models()
+    if checkpoint is None or str(checkpoint) in shipped:
+        name = str(checkpoint or DEFAULT_MODEL)
+        if name not in shipped:
+            raise FileNotFoundError(f"the shipped model {name} is not installed in {PRETRAINED_DIR}")
+        return shipped[name]
     p = Path(checkpoint)
     if p.is_dir():
         p = p / WEIGHTS_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {WEIGHTS_FILE} (train a run, or export one with `mshg export`)")
+        names = ", ".join(shipped) or "none installed"
+        raise FileNotFoundError(f"{checkpoint}: neither a shipped model ({names}) nor a run folder with "
+                                f"{WEIGHTS_FILE} nor a weights file (train a run, or export one with `mshg export`)")
     return p
 
 
-def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """-> (model in eval mode, config, {"joints": [...], "flip_pairs": [...]})"""
+def describe_shipped(path: Path) -> str:
+    """One line from a shipped model's metadata: joints, input size, what it was trained on and how it scores."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    cfg = config_from_yaml(meta["config"], source=str(path))
+    card = json.loads(meta.get("card") or "{}")
+    return (f"{len(json.loads(meta['joints']))} joints, input {cfg.data.input_size} px, {path.stat().st_size / 1e6:.1f} MB; "
+            + "; ".join(f"{k}: {v}" for k, v in card.items()))
+
+
+def read_weights(checkpoint: str | Path | None, device: str | torch.device = "cpu"):
+    """-> (state dict in fp32, config, joints, metadata) of a shipped name, run folder or weights file; checked."""
     path = resolve(checkpoint)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -56,12 +89,70 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
     if "config" not in meta or "joints" not in meta:
         raise ValueError(f"{path}: not an mshg weights file (metadata lacks config/joints)")
     cfg = config_from_yaml(meta["config"], source=str(path))
-    joints = json.loads(meta["joints"])
+    # shipped models are stored in fp16 (half the download); the model always runs on fp32 weights
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()}
+    return state, cfg, json.loads(meta["joints"]), meta
+
+
+def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """-> (model in eval mode, config, {"joints": [...], "flip_pairs": [...], "skeleton": [...], "source": path})"""
+    state, cfg, joints, meta = read_weights(checkpoint, device)
     model = build_model(cfg.model, len(joints), cfg.data.input_size)
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    model.load_state_dict(state)
     model.to(device).eval()
     skeleton = json.loads(meta.get("skeleton") or "[]") or skeleton_for(len(joints))
-    return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"]), "skeleton": skeleton}
+    return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"]), "skeleton": skeleton,
+                        "source": str(resolve(checkpoint))}
+
+
+# the parameters whose size is the number of joints: each heatmap head's rows, each merge conv's input columns
+JOINT_AXES = {"heatmaps.weight": 0, "heatmaps.bias": 0, "merge_heatmaps": 1}
+
+
+def joint_axis(key: str) -> int | None:
+    return next((axis for part, axis in JOINT_AXES.items() if part in key), None)
+
+
+def init_from(model: torch.nn.Module, source: str, joints: list[str]) -> str:
+    """Fine-tuning's start: copy trained weights (a shipped name, run folder or weights file) into `model`, whose
+    heads predict `joints`. Joints are matched by name; a joint the weights do not know keeps its fresh head
+    (and merge column). Every other tensor must have the same shape: a different architecture or input size is
+    refused naming the first layer that differs. -> a line saying what was matched."""
+    state, _, old_joints, _ = read_weights(source)
+    index = [old_joints.index(j) if j in old_joints else None for j in joints]
+    own = model.state_dict()
+    for key, mine in own.items():
+        theirs = state.get(key)
+        axis = joint_axis(key)
+        if theirs is None:
+            raise ValueError(f"train.init_from={source}: the weights lack layer {key} {tuple(mine.shape)}: another "
+                             f"architecture or input size (model.*, data.input_size) than the weights were trained with")
+        expected = list(mine.shape)
+        if axis is not None:
+            expected[axis] = len(old_joints)
+        if list(theirs.shape) != expected:
+            raise ValueError(f"train.init_from={source}: layer {key} is {tuple(theirs.shape)} in the weights but "
+                             f"{tuple(mine.shape)} in this model (model.*, data.input_size must match the weights')")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise ValueError(f"train.init_from={source}: the weights have layer {extra[0]} that this model lacks: another "
+                         f"architecture or input size (model.*, data.input_size) than the weights were trained with")
+    with torch.no_grad():
+        for key, mine in own.items():
+            theirs, axis = state[key], joint_axis(key)
+            if axis is None:
+                mine.copy_(theirs)
+                continue
+            for new, old in enumerate(index):
+                if old is not None:
+                    mine.select(axis, new).copy_(theirs.select(axis, old))
+    matched = [j for j, k in zip(joints, index) if k is not None]
+    fresh = [j for j, k in zip(joints, index) if k is None]
+    if not matched:
+        raise ValueError(f"train.init_from={source}: none of the dataset's joints ({', '.join(joints[:5])}, ...) is "
+                         f"among the weights' ({', '.join(old_joints[:5])}, ...): nothing to fine-tune from")
+    return (f"initialised from {source}: {len(matched)} of {len(joints)} joints matched by name"
+            + (f"; fresh heads for {', '.join(fresh)}" if fresh else ""))
 
 
 def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -92,3 +183,11 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{directory / tag}: does not match the model of its config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return save_weights(state, out, cfg, meta["joints"], meta["flip_pairs"], meta.get("skeleton"))
+
+
+def ship_model(run: str | Path, name: str, card: dict) -> Path:
+    """A run's trained weights -> pipeline/pretrained/NAME.safetensors in fp16 with the card's headline figures
+    (the model card NAME.md beside it is written by hand). How the shipped model was made: its card."""
+    state, cfg, joints, meta = read_weights(run)
+    return save_weights(state, PRETRAINED_DIR / f"{name}.safetensors", cfg, joints, json.loads(meta["flip_pairs"]),
+                        json.loads(meta.get("skeleton") or "[]"), dtype=torch.float16, card=card)

@@ -20,8 +20,11 @@ EXPECTED_SKIPS = ("crowd annotation", "too few keypoints", "image file missing")
 def add_output_options(p):
     p.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
     p.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar")
-    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
-    p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard, about, at most")
+    p.add_argument("--max-count", dest="maxcount", type=int, default=1000, metavar="N", help="samples per shard at most")
+    p.add_argument("--max-size", dest="maxsize", type=float, default=1e9, metavar="BYTES", help="bytes per shard, about, at most")
+    # the spellings before every multi-word flag took dashes, still accepted (WebDataset's ShardWriter arguments)
+    p.add_argument("--maxcount", dest="maxcount", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--maxsize", dest="maxsize", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--outside-margin", type=float, default=4.0,
@@ -40,24 +43,27 @@ def add_output_options(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_commands(subparsers):
-    shard = subparsers.add_parser("shard", help="convert a pose dataset into WebDataset shards for DALI")
+def add_commands(subparsers, formatter_class=argparse.HelpFormatter):
+    """`shard` (one sub-command per format) and `verify`; `formatter_class` for every parser (mshg's shows defaults)."""
+    F = formatter_class
+    shard = subparsers.add_parser("shard", help="convert a pose dataset into WebDataset shards for DALI", formatter_class=F)
     formats = shard.add_subparsers(dest="format", required=True)
     for name, help_text in (("lspet", "LSP Extended: ROOT/joints.mat (14x3xN) and ROOT/images/im00001.jpg"),
                             ("lsp", "original LSP: ROOT/joints.mat (3x14xN, 3rd row invisibility), ROOT/images/im0001.jpg")):
-        p = formats.add_parser(name, help=help_text)
+        p = formats.add_parser(name, help=help_text, formatter_class=F)
         p.add_argument("--root", required=True, help="dataset folder holding joints.mat and images/")
         p.add_argument("--range", default=None, metavar="FIRST:LAST",
                        help="1-based inclusive image numbers, e.g. 1:8000 for the LSPET train split")
         add_output_options(p)
         p.set_defaults(func=run_shard)
-    p = formats.add_parser("mpii", help="MPII: the JSON list {image, center, scale, joints, joints_vis} or the official .mat")
+    p = formats.add_parser("mpii", help="MPII: the JSON list {image, center, scale, joints, joints_vis} or the official .mat",
+                           formatter_class=F)
     p.add_argument("--images", required=True, help="folder of the images")
     p.add_argument("--annotations", required=True, help="annotation .json or mpii_human_pose_v1_u12_1.mat")
     add_output_options(p)
     p.set_defaults(func=run_shard)
     p = formats.add_parser("coco", help="any COCO-format keypoint file (COCO, CrowdPose, MHP, AI Challenger, "
-                                        "Human-Art, ...): one sample per non-crowd person")
+                                        "Human-Art, ...): one sample per non-crowd person", formatter_class=F)
     p.add_argument("--images", required=True, help="folder of the images, e.g. coco/val2017 (file_names with "
                                                    "sub-folders or a split prefix are found under it)")
     p.add_argument("--annotations", required=True, help="person_keypoints_*.json or any COCO-format keypoint file")
@@ -74,7 +80,8 @@ def add_commands(subparsers):
     add_output_options(p)
     p.set_defaults(func=run_shard)
 
-    p = subparsers.add_parser("verify", help="re-read shards against their manifest.json; non-zero exit on any problem")
+    p = subparsers.add_parser("verify", help="re-read shards against their manifest.json; non-zero exit on any problem",
+                              formatter_class=F)
     p.add_argument("dir", help="shard directory holding manifest.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_verify)

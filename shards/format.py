@@ -24,6 +24,9 @@ META_MEMBER = "json"
 IMAGE_EXT = ";".join(IMAGE_MEMBERS)  # DALI: one output for either image member
 DALI_EXTS = [IMAGE_EXT, *NPY_MEMBERS]  # the reader's outputs: image, keypoints, box, sample id
 MANIFEST_FIELDS = ("dataset", "joints", "flip_pairs", "num_samples", "shards", "skipped")
+# the smallest longer side of a person box, in pixels: the crop divides by it (a person with one labelled
+# joint has a tight box of 0 x 0). The sharder skips smaller boxes, verify refuses them, the crops clamp to it
+MIN_BOX_SIDE = 1.0
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 from wds2idx import IndexCreator
 
-from shards.format import IMAGE_MEMBERS, META_MEMBER, NPY_MEMBERS, read_manifest, read_samples
+from shards.format import IMAGE_MEMBERS, META_MEMBER, MIN_BOX_SIDE, NPY_MEMBERS, read_manifest, read_samples
 
 
 def index_matches(tar_path, idx_path):
@@ -80,6 +80,9 @@ def check_sample(members, num_joints):
         problems.append("kp.npy has no labelled joint")
     if box is not None and (box.dtype != np.float32 or box.shape != (4,) or not np.isfinite(box).all()):
         problems.append(f"box.npy is {box.dtype} {box.shape} {box.tolist()}, expected 4 finite float32")
+    elif box is not None and max(box[2], box[3]) < MIN_BOX_SIDE:  # the crop would divide by ~0
+        problems.append(f"person box smaller than {MIN_BOX_SIDE:g} px ({box.tolist()}): re-shard with `mshg shard`, "
+                        f"which skips such persons")
     if idx is not None and (idx.dtype != np.int64 or idx.shape != (1,)):
         problems.append(f"idx.npy is {idx.dtype} {idx.shape}, expected int64 (1,)")
     try:

@@ -7,7 +7,8 @@ Each sample {key} has five members: {key}.jpg (or .png), {key}.box.npy, {key}.id
 {key}.kp.npy (see docs/shards.md), in this sorted order, with fixed tar metadata, so the same input gives
 byte-identical shards. Shards are planned up front (count and size limits) so that the
 output does not depend on --workers; each shard is written under a temporary name and renamed
-only when complete; manifest.json is written last.
+only when complete; manifest.json is written last. With --overwrite the new set is written in a staging
+folder inside {out} and replaces the old set only once complete (`swap_in`).
 """
 
 import glob
@@ -17,6 +18,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import tarfile
 import time
 from importlib import metadata
@@ -26,9 +28,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.datasets import DATASETS, Dataset
-from shards.format import IMAGE_MEMBERS, META_MEMBER, NPY_MEMBERS
+from shards.format import IMAGE_MEMBERS, META_MEMBER, MIN_BOX_SIDE, NPY_MEMBERS
 
 PARTIAL = ".partial"  # suffix of shards and indexes still being written
+STAGING = ".staging"  # suffix of the folder in --out where an --overwrite writes the new set
 
 
 class ShardError(RuntimeError):
@@ -140,6 +143,9 @@ def make_sample(record, dataset, margin, non_jpeg="png", names=None):
         box = box.tolist() if box.shape == (4,) else []
     if len(box) != 4 or not all(map(math.isfinite, box)) or box[2] < 0 or box[3] < 0:
         raise BadSample(f"bad person box {np.asarray(record.box).tolist()}")
+    if max(box[2], box[3]) < MIN_BOX_SIDE:  # the crop's zoom divides by it: NaN keypoints and targets
+        raise BadSample(f"person box smaller than {MIN_BOX_SIDE:g} px ({box[2]:g} x {box[3]:g}, "
+                        f"{len(labelled)} labelled joint(s))")
     center = record.center if record.center is not None else [box[0] + box[2] / 2, box[1] + box[3] / 2]
     scale = record.scale if record.scale is not None else box[3] / 200.0
     meta = {
@@ -287,7 +293,8 @@ def plan_parts(records, maxcount, maxsize):
 
 
 def prepare_out(out, prefix, overwrite):
-    """Create `out`, refuse a non-empty one unless overwrite, and check that it is writable."""
+    """Create `out`, refuse a non-empty one unless overwrite, and check that it is writable. -> the folder
+    to write in: `out`, or, when shards are to be replaced, a staging folder inside it (`swap_in`)."""
     try:
         os.makedirs(out, exist_ok=True)
         existing = sorted(os.listdir(out))
@@ -296,20 +303,49 @@ def prepare_out(out, prefix, overwrite):
     if existing and not overwrite:
         raise ShardError(f"output directory {out} is not empty ({len(existing)} entries, e.g. {existing[0]}); "
                          f"pass --overwrite to replace the shards in it")
+    target = out
     if existing:
-        # the manifest goes first: an interrupted overwrite must not leave a manifest describing stale shards
-        pattern = os.path.join(glob.escape(out), "")
-        ours = [os.path.join(out, "manifest.json")] + glob.glob(pattern + "*.tar") + glob.glob(pattern + "*.idx")
-        for path in ours + glob.glob(pattern + f".*{PARTIAL}"):
-            if os.path.isfile(path):
-                os.remove(path)
-    probe = os.path.join(out, f".{prefix}-write-test{PARTIAL}")
+        # nothing old is removed before the new set is complete: a re-shard that fails (disk full, a bad
+        # input, Ctrl-C) keeps the old shards. The staging folder is inside `out`: the same file system
+        # (renames, not copies), and no write permission needed beside it
+        target = os.path.join(out, f".{prefix}{STAGING}")
+        try:
+            shutil.rmtree(target, ignore_errors=True)  # what a killed re-shard left
+            os.mkdir(target)
+        except OSError as e:
+            raise ShardError(f"output directory {out} is not writable: {e.strerror or e}") from None
+    probe = os.path.join(target, f".{prefix}-write-test{PARTIAL}")
     try:
         with open(probe, "wb") as f:
             f.write(b"ok")
         os.remove(probe)
     except OSError as e:
         raise ShardError(f"output directory {out} is not writable: {e.strerror or e}") from None
+    return target
+
+
+def swap_in(stage, out, prefix):
+    """Replace the shard set in `out` by the one complete in `stage`. Removed: the old manifest first (no
+    manifest may describe a mix), then the set's files (those the old manifest lists, any {prefix}-*.tar /
+    .idx, this prefix's partial files); the new files come in by rename, the manifest last. Other files in
+    `out` (another set's tars, a user's notes) stay."""
+    old_manifest = os.path.join(out, "manifest.json")
+    try:
+        with open(old_manifest) as f:
+            listed = [name for s in json.load(f).get("shards", []) for name in (s.get("tar"), s.get("index"))]
+    except (OSError, ValueError, AttributeError, TypeError):
+        listed = []  # no manifest, or not one of ours: only the prefix's files
+    pattern = os.path.join(glob.escape(out), glob.escape(prefix))
+    ours = [os.path.join(out, name) for name in listed if isinstance(name, str) and os.path.basename(name) == name]
+    ours += glob.glob(pattern + "-*.tar") + glob.glob(pattern + "-*.idx")
+    ours += glob.glob(os.path.join(glob.escape(out), f".{glob.escape(prefix)}-*{PARTIAL}"))
+    for path in [old_manifest] + ours:
+        if os.path.isfile(path):
+            os.remove(path)
+    new = sorted(os.listdir(stage), key=lambda name: name == "manifest.json")  # the manifest last
+    for name in new:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
+    os.rmdir(stage)
 
 
 def remove_partials(out):
@@ -324,8 +360,8 @@ def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, 
     name of shards.datasets.DATASETS or a Dataset table (e.g. read from a COCO-format file)."""
     table = dataset if isinstance(dataset, Dataset) else DATASETS[dataset]
     dataset = table.name
-    prepare_out(out, prefix, overwrite)
-    cfg = {"out": out, "prefix": prefix, "dataset": dataset, "margin": margin, "non_jpeg": non_jpeg,
+    stage = prepare_out(out, prefix, overwrite)  # `out`, or a staging folder in it when replacing shards
+    cfg = {"out": stage, "prefix": prefix, "dataset": dataset, "margin": margin, "non_jpeg": non_jpeg,
            "joints": list(table.joints)}
     tasks = [(n, part, cfg) for n, part in enumerate(plan_parts(records, maxcount, maxsize))]
     # disable=None: no bar (and no carriage-return frames) when the output is a file, not a terminal
@@ -345,7 +381,9 @@ def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, 
         if pool:
             pool.terminate()
             pool.join()
-        remove_partials(out)
+        remove_partials(stage)
+        if stage != out:
+            shutil.rmtree(stage, ignore_errors=True)  # the old shards stay as they were
         raise
     finally:
         bar.close()
@@ -359,8 +397,8 @@ def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, 
     shards = []
     for part in (p for p in parts if p["samples"]):
         stem = f"{prefix}-{len(shards):06d}"
-        os.replace(part["index"], os.path.join(out, stem + ".idx"))
-        os.replace(part["tar"], os.path.join(out, stem + ".tar"))
+        os.replace(part["index"], os.path.join(stage, stem + ".idx"))
+        os.replace(part["tar"], os.path.join(stage, stem + ".tar"))
         shards.append({"tar": stem + ".tar", "index": stem + ".idx", "samples": part["samples"],
                        "bytes": part["bytes"], "sha256": part["sha256"],
                        "first_key": part["first_key"], "last_key": part["last_key"]})
@@ -383,10 +421,12 @@ def write_shards(records, skipped, dataset, out, prefix="shard", maxcount=1000, 
         "source": source or {},
         "args": args or {},
     }
-    tmp = os.path.join(out, f".manifest.json{PARTIAL}")
+    tmp = os.path.join(stage, f".manifest.json{PARTIAL}")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    os.replace(tmp, os.path.join(out, "manifest.json"))
+    os.replace(tmp, os.path.join(stage, "manifest.json"))
+    if stage != out:  # the new set is complete: only now does it replace the old one
+        swap_in(stage, out, prefix)
     manifest["seconds"] = seconds  # for callers; not saved, so that manifests stay byte-identical
     return manifest

@@ -127,7 +127,9 @@ def server_runs(mlflow_server, lspet_shards, tmp_path_factory) -> dict:
 
     from tests.helpers import server_env, train_cmd
 
-    settings = {"tracked-run": ({"eval_every": 3, "log_model": True}, 6), "ui-b": ({"lr": 3e-3}, 4)}
+    # the export is bounded (train.log_model_timeout, 120 s): on 2 shared cores it took 48 s for the tiny model
+    settings = {"tracked-run": ({"eval_every": 3, "log_model": True, "log_model_timeout": 600}, 6),
+                "ui-b": ({"lr": 3e-3}, 4)}
     started = {}
     for name, (train, steps) in settings.items():
         tmp = tmp_path_factory.mktemp(name)

@@ -4,6 +4,7 @@ Source truth comes from outside the pipeline: joints.mat read with scipy, images
 matrices built in numpy (`augment_matrix`), crops made with OpenCV."""
 import dataclasses
 import hashlib
+import io
 import json
 import tarfile
 
@@ -226,9 +227,9 @@ def test_joints_pushed_out_of_the_crop_get_weight_zero(lspet_shards):
         assert hm[outside].abs().max() == 0
 
 
-def write_set_with_a_corrupt_image(src, out, bad_index):
+def write_set_with_a_corrupt_image(src, out, bad_index, damage=None):
     """A shard set like `mshg shard` writes (ShardWriter tars, DALI indexes, a consistent manifest)
-    where one sample's JPEG is cut after 300 bytes."""
+    where one sample's JPEG is cut after 300 bytes (or `damage` changes that sample's members)."""
     manifest = json.loads((src / "manifest.json").read_text())
     samples = {}
     with tarfile.open(src / manifest["shards"][0]["tar"]) as tar:
@@ -237,7 +238,10 @@ def write_set_with_a_corrupt_image(src, out, bad_index):
             samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
     samples = list(samples.values())
     bad_key = samples[bad_index]["__key__"]
-    samples[bad_index]["jpg"] = samples[bad_index]["jpg"][:300]
+    if damage:
+        damage(samples[bad_index])
+    else:
+        samples[bad_index]["jpg"] = samples[bad_index]["jpg"][:300]
     out.mkdir()
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=12, verbose=0) as writer:
         for sample in samples:
@@ -269,6 +273,37 @@ def test_an_undecodable_image_names_its_shard_and_key_and_verify_catches_it(lspe
     assert mshg(["verify", str(out), "--quiet"]) == 1
     report = capsys.readouterr()
     assert f"shard-000001.tar sample {bad_key}: image does not decode" in report.out + report.err
+
+
+def one_joint_person(sample):
+    """The sample as an older sharder wrote a person with a single labelled joint: a zero-size box."""
+    kp = np.load(io.BytesIO(sample["kp.npy"]))
+    j = int(np.flatnonzero(kp[:, 2] > 0)[0])
+    kp[:, :] = 0
+    kp[j] = [40.0, 50.0, 1.0]
+    for ext, array in (("kp.npy", kp), ("box.npy", np.array([40.0, 50.0, 0.0, 0.0], np.float32))):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        sample[ext] = buf.getvalue()
+
+
+def test_a_zero_size_box_gives_finite_crops_and_targets_and_verify_refuses_it(lspet_shards, tmp_path, capsys):
+    """Issue 48: a box of one point made the crop's zoom size / 0: NaN keypoints and targets (DALI), a
+    ZeroDivisionError in `crop_matrix` (mshg predict, evaluate --photos boxes). A minimum box side keeps them
+    finite; `mshg shard` skips such persons and `mshg verify` names one left in older shards."""
+    out = tmp_path / "bad"
+    bad_key = write_set_with_a_corrupt_image(lspet_shards["val"], out, bad_index=13, damage=one_joint_person)
+    shards = ShardSet.open(out)
+    for train in (False, True):
+        cfg = DataConfig(input_size=32, num_threads=1, shuffle_buffer=4)
+        for b in read_all(shards, cfg, train=train, batch=8):
+            heatmaps, weights = make_targets(b["keypoints"], 32, [2, 4, 8], sigma=2.0)
+            assert torch.isfinite(b["keypoints"]).all() and torch.isfinite(b["matrix"]).all(), train
+            assert all(torch.isfinite(h).all() for h in heatmaps.values()) and torch.isfinite(weights).all()
+    assert np.isfinite(crop_matrix([40.0, 50.0, 0.0, 0.0], 64, 1.25)).all()
+    assert mshg(["verify", str(out), "--quiet"]) == 1
+    report = capsys.readouterr()
+    assert f"shard-000001.tar sample {bad_key}: person box" in report.out + report.err
 
 
 def test_show_batch_writes_a_png_grid_with_skeletons(lspet_shards, tmp_path):

@@ -114,6 +114,27 @@ def test_pair_redecode_moves_a_double_counted_joint_to_its_second_peak_only():
     assert pair_outcomes(pred, gt, pairs) == {"both hit": 4, "double count": 1, "full swap": 1, "other": 0}
 
 
+def test_evaluate_refuses_shards_whose_joints_differ_by_name_or_order(weights, tmp_path, capsys):
+    """Issue 48: only the joint count was checked, so 14 joints in another order scored silently wrong. Now the
+    names are compared, and the first difference is named from both lists."""
+    import json
+
+    from tests.conftest import shard_sample
+    root = shard_sample(tmp_path / "val", 161, 162)
+    manifest = json.loads((root / "manifest.json").read_text())
+    joints = manifest["joints"]
+    joints[0], joints[5] = joints[5], joints[0]  # right_ankle <-> left_ankle: still 14
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert mshg(["evaluate", "--checkpoint", str(weights), "--shards", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "joint 0 is 'left_ankle' in the shards but 'right_ankle' in the model" in err, err
+    joints[:] = joints[:13]  # one joint fewer: named the same way
+    joints[0], joints[5] = joints[5], joints[0]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert mshg(["evaluate", "--checkpoint", str(weights), "--shards", str(root)]) == 2
+    assert "13 joints, the model 14: joint 13 is (none) in the shards but 'head_top' in the model" in capsys.readouterr().err
+
+
 def test_photo_samples_decode_each_photo_and_name_the_tar_and_key_of_a_bad_one(tmp_path):
     import cv2
 

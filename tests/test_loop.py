@@ -216,7 +216,7 @@ def test_missing_shards_are_an_error_before_any_rank_starts(lspet_shards, tmp_pa
     from pipeline.train import open_shards
     with pytest.raises(ConfigError, match="data.train_shards is not set"):
         open_shards(load_config(None, ["model.channels=8"]))
-    for config in ("msc_hg.yaml", "stacked_hg8.yaml", "msc_hg_cpu.yaml", "lspet_cpu.yaml"):
+    for config in ("lspet_gpu.yaml", "lspet_gpu_stacked.yaml", "msc_hg_cpu.yaml", "lspet_cpu.yaml"):
         assert load_config(REPO / "configs" / config).data.train_shards  # every config names its data
     # the demo shards its 160-image sample into its own folders: no config but the demo's trains on them,
     # and the demo never overwrites the recipe's full LSPET shards

@@ -201,6 +201,7 @@ def test_crafted_checkpoint_runs_no_code_on_resume_or_export(finished_run, tmp_p
     from pipeline.config import ConfigError
 
     (tmp_path / "other.key").write_bytes(os.urandom(32))
+    (tmp_path / "other.key").chmod(0o600)  # a key others may read is refused before the signature is looked at
     monkeypatch.setenv("MSHG_CHECKPOINT_KEY", str(tmp_path / "other.key"))
     with pytest.raises(ConfigError, match="signed with another key"):
         check_signature(finished_run / "runs" / "base" / "checkpoints" / "step00000002")
@@ -278,6 +279,90 @@ def test_read_only_out_dir_unwritable_outputs_and_bad_weights_are_lines(lspet_sh
                       ("train.loss_twin_weight=nan", "train.loss_twin_weight")]:
         with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
             load_config(REPO / "configs" / "msc_hg_cpu.yaml", [bad])
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("bad", [
+    "train.log_every=0", "train.eval_every=-1", "data.seed=-1", f"data.seed={2**31}", "stop.max_epochs=-1",
+    "train.grad_clip=-1", "train.weight_decay=-0.1", "train.cos_min_ratio=1.5", "train.cos_min_ratio=-0.1",
+    "train.lr_step_gamma=0", "train.lr_step_gamma=2", "train.lr_step_every=-1", "stop.tolerance=0",
+    "stop.expected_loss=-1", "data.padding=inf", "data.sigma=inf", "data.rotation_deg=inf", "data.train_weight=nan",
+    "data.scale_range=[0.8,inf]", "model.hg_min_size=0"])
+def test_every_number_out_of_range_is_refused_by_name(bad):
+    """Issue 48: these failed late (log_every=0 after DeepSpeed and MLflow started), on one rank (seed=-1) or
+    silently (max_epochs=-1 stopped at step 0 with exit 0); now the config refuses each, naming the key."""
+    from pipeline.config import ConfigError, load_config
+
+    key = bad.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + " must be"):
+        load_config(REPO / "configs" / "msc_hg_cpu.yaml", [bad])
+
+
+@pytest.mark.quick
+def test_a_short_or_shared_checkpoint_key_is_refused_naming_the_file(tmp_path, monkeypatch):
+    """Issue 48: an empty key file signed checkpoints with an empty HMAC key (anyone can forge those), and a
+    key others can read lets them sign. Both are refused, naming the file, when the run starts (Checkpointer)."""
+    from pipeline.checkpoint import Checkpointer, checkpoint_key
+    from pipeline.config import ConfigError
+    from pipeline.distributed import World
+
+    key = tmp_path / "checkpoint.key"
+    monkeypatch.setenv("MSHG_CHECKPOINT_KEY", str(key))
+    world = World(rank=0, local_rank=0, size=1, device=__import__("torch").device("cpu"))
+    key.touch(mode=0o600)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(key))} holds 0 bytes, fewer than 32"):
+        checkpoint_key()
+    key.write_bytes(os.urandom(16))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(key))} holds 16 bytes"):
+        Checkpointer(tmp_path / "checkpoints", 2, world)
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(key))} is readable or writable by others \\(mode 644\\)"):
+        Checkpointer(tmp_path / "checkpoints", 2, world)
+    key.chmod(0o600)
+    assert checkpoint_key() == key.read_bytes()
+    made = tmp_path / "new" / "checkpoint.key"  # first use: 32 random bytes, mode 600
+    monkeypatch.setenv("MSHG_CHECKPOINT_KEY", str(made))
+    assert len(checkpoint_key()) == 32 and made.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.quick
+def test_every_rank_checks_the_checkpoint_files_it_unpickles(tmp_path, monkeypatch):
+    """Issue 48: only rank 0 checked a checkpoint's signature; the other ranks unpickled their ZeRO partitions
+    on rank 0's word (on a node with its own copy, unchecked). Now each rank checks the files it loads (rank 0
+    all of them) with its own key, and a refusal on any rank stops all of them before DeepSpeed loads."""
+    import torch
+
+    from pipeline.checkpoint import Checkpointer, check_signature, sign
+    from pipeline.config import ConfigError
+    from pipeline.distributed import World
+
+    key = tmp_path / "checkpoint.key"
+    key.touch(mode=0o600)
+    key.write_bytes(os.urandom(32))
+    monkeypatch.setenv("MSHG_CHECKPOINT_KEY", str(key))
+    tag = tmp_path / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        (tag / name).write_bytes(name.encode())
+    sign(tag)
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"a pickle that runs code")
+    check_signature(tag, rank=2)  # another rank's file is not what rank 2 unpickles
+    with pytest.raises(ConfigError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt changed"):
+        check_signature(tag, rank=1)
+
+    class Engine:
+        loaded = False
+
+        def load_checkpoint(self, *args, **kwargs):
+            Engine.loaded = True
+            return str(tag), {"step": 2}
+
+    rank1 = World(rank=1, local_rank=1, size=1, device=torch.device("cpu"))  # rank 1's view (a world of one)
+    with pytest.raises(ConfigError, match="rank 1: .*zero_pp_rank_1_mp_rank_00_optim_states.pt changed"):
+        Checkpointer(tmp_path / "checkpoints", 2, rank1).load(Engine(), "step00000002")
+    assert not Engine.loaded
 
 
 def test_evaluate_on_a_truncated_tar_is_a_line(finished_run, lspet_shards, tmp_path, capsys):

@@ -291,6 +291,22 @@ def test_bad_keypoints(tmp_path, capsys):
     assert verify(str(tmp_path / "out"), progress=False) == []
 
 
+def test_a_person_with_one_labelled_joint_is_skipped_and_counted(tmp_path, capsys):
+    """Issue 48: one labelled joint makes a zero-size tight box, which the crop divides by: skipped at shard
+    time, with its reason in the summary, as other skips are."""
+    root = tmp_path / "lspet"
+    joints = small_lspet(root, n=6)
+    joints[1:, 2, 1] = 0  # im00002: the right ankle only
+    scipy.io.savemat(root / "joints.mat", {"joints": joints})
+    code, out, err = run(capsys, "shard", "lspet", "--root", root, "--out", tmp_path / "out")
+    assert code == 0, err
+    m = manifest(tmp_path / "out")
+    assert [s["key"] for s in m["skipped"]] == ["lspet_000002"] and m["num_samples"] == 5
+    assert m["skipped"][0]["reason"].startswith("person box smaller than 1 px")
+    assert "skipped 1: person box smaller than 1 px" in out
+    assert verify(str(tmp_path / "out"), progress=False) == []
+
+
 def test_bad_annotation_files(tmp_path, capsys):
     """Wrong joint count, malformed .mat / JSON, missing field: exit 2 and a message naming file and field."""
     root = tmp_path / "lspet"
@@ -326,6 +342,42 @@ def test_existing_output_dir_is_refused(tmp_path, capsys):
     assert (out / "shard-000000.tar").read_bytes() == b"old"
     assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:3", "--out", out, "--overwrite")[0] == 0
     assert manifest(out)["num_samples"] == 3 and verify(str(out), progress=False) == []
+
+
+def test_a_failed_overwrite_keeps_the_old_shards_and_others_files(tmp_path, capsys, monkeypatch):
+    """Issue 48: --overwrite deleted every *.tar/*.idx in --out before writing anything. Now the new set is
+    written aside and swapped in at the end: a re-shard that fails keeps the old set whole, and files that
+    are not the set's stay."""
+    from shards import write
+
+    out = tmp_path / "out"
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:6", "--maxcount", 2, "--out", out)[0] == 0
+    (out / "other-000000.tar").write_bytes(b"someone else's")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = write.make_sample, []
+
+    def disk_full_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(write, "make_sample", disk_full_at_the_third)
+    code, _, err = run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:3", "--maxcount", 2, "--out", out,
+                       "--overwrite")
+    assert code == 1 and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing added, nothing lost
+    monkeypatch.setattr(write, "make_sample", real)
+    code, _, err = run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:3", "--maxcount", 2, "--out", out,
+                       "--overwrite")
+    assert code == 0, err
+    assert manifest(out)["num_samples"] == 3 and len(manifest(out)["shards"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "other-000000.tar",
+                                                    "shard-000000.idx", "shard-000000.tar", "shard-000001.idx",
+                                                    "shard-000001.tar"]  # the old shard-000002 is gone
+    assert (out / "other-000000.tar").read_bytes() == b"someone else's"
+    assert verify(str(out), progress=False) == ["other-000000.tar: tar file not listed in manifest.json"]
 
 
 def test_unwritable_output_dir(tmp_path, capsys):

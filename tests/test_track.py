@@ -3,6 +3,7 @@ read back with MlflowClient; a run whose server is killed half-way; the default 
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.cli import main as mshg
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, mlflow_store_template, tiny_config
 from tests.helpers import LSP_JOINTS, STAGES, free_port, server_env, train_cmd
 from tests.mlflow_server import MlflowServer
 
@@ -334,6 +335,140 @@ def test_default_local_store_and_no_server_at_start(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count(WARNING) == 1 and "RUN None" in out.stdout
     assert time.monotonic() - t0 < 60
+
+
+def test_a_token_in_the_tracking_uri_is_never_shown(tmp_path, capsys):
+    """Issue 48: `https://user:token@host` came out whole in the `mlflow ui` hint (so in summary.txt), in the
+    tracker's warning (MLflow's error names the URL) and in `mshg runs`. Masked everywhere by one helper."""
+    from pipeline.track import mask_credentials
+
+    assert mask_credentials("https://alice:s3cr3t@host:5000/x") == "https://***@host:5000/x"
+    assert mask_credentials("error at postgresql://u:p@w@db/mlflow, again") == "error at postgresql://***@db/mlflow, again"
+    assert mask_credentials("sqlite:///runs/mlflow.db") == "sqlite:///runs/mlflow.db"
+    assert mask_credentials("http://127.0.0.1:5000/#/experiments/1") == "http://127.0.0.1:5000/#/experiments/1"
+    uri = f"http://alice:s3cr3t@127.0.0.1:{free_port()}"  # nothing listens there
+    code = """if True:
+        from pipeline.run_folder import RunFolder
+        from pipeline.track import Tracker
+        t = Tracker(True, run_name="secret", system_metrics=False)
+        folder = RunFolder("runs", "secret")
+        folder.path.mkdir(parents=True)
+        print(folder.write_summary(None, "ckpt", None, "max_steps", 1, t.run_id, t.ui_command(), 1.0))
+        t.finish()
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and WARNING in out.stderr, out.stderr[-3000:]
+    summary = (tmp_path / "runs" / "secret" / "summary.txt").read_text()
+    assert "s3cr3t" not in out.stdout + out.stderr + summary, out.stdout + out.stderr
+    assert "http://***@127.0.0.1" in summary and "http://***@127.0.0.1" in out.stderr
+    assert mshg(["runs", "--tracking-uri", uri]) == 2
+    shown = capsys.readouterr()
+    assert "cannot read runs from http://***@127.0.0.1" in shown.err and "s3cr3t" not in shown.out + shown.err
+    # a server that answers: MLflow's own "View run ... at: URL" line on end_run would carry the token
+    with MlflowServer(tmp_path / "server") as server:
+        live = server.uri.replace("http://", "http://alice:s3cr3t@")
+        out = subprocess.run([sys.executable, "-c", code.replace('"secret"', '"live"')], cwd=tmp_path,
+                             env=dict(env, MLFLOW_TRACKING_URI=live), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and WARNING not in out.stderr, out.stderr[-3000:]
+        assert "s3cr3t" not in out.stdout + out.stderr + (tmp_path / "runs" / "live" / "summary.txt").read_text()
+        assert mshg(["runs", "--tracking-uri", live]) == 0
+        shown = capsys.readouterr()
+        assert "live" in shown.out and "s3cr3t" not in shown.out + shown.err
+
+
+def test_mark_failed_marks_only_its_own_run_by_id(tmp_path):
+    """Issue 48: after a rank died, `mshg train --ranks N` marked every RUNNING run of the name FAILED (on a
+    shared server another user's too), and a quote in the name broke the filter. Now the run is found by the
+    id its tracker wrote into the run folder at the start; a run of the same name that is not it stays."""
+    code = """if True:
+        import os
+        from pathlib import Path
+        from mlflow.tracking import MlflowClient
+        from pipeline.track import Tracker, mark_failed
+        name = "it's mine"
+        folder = Path("runs") / name
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("name: x\\n")
+        ours = Tracker(True, run_name=name, system_metrics=False)  # rank 0 of the run that will fail
+        ours.log_run_inputs([], {}, folder / "config.yaml", {})
+        client = MlflowClient()
+        other = client.create_run(ours.experiment_id, run_name=name).info.run_id  # another user's, running
+        print("RUNS", ours.run_id, other, mark_failed(folder, "a rank exited with code 1"), flush=True)
+        os._exit(0)  # rank 0 was ended by the launcher: no finish()
+    """
+    shutil.copy(mlflow_store_template(), tmp_path / "mlflow.db")  # migrated once a session
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "RUNS " in out.stdout, out.stderr[-3000:]
+    ours, other, marked = out.stdout.split("RUNS ")[1].split()
+    assert marked == "True" and WARNING not in out.stderr, out.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(ours)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "a rank exited with code 1"
+    assert client.get_run(other).info.status == "RUNNING"
+    # a run folder with no id (the tracker never started) marks nothing
+    from pipeline.track import mark_failed
+    assert mark_failed(tmp_path / "runs" / "nothing", "x") is False
+
+
+def test_a_brief_outage_still_ends_the_run_and_the_summary_names_what_was_lost(tmp_path):
+    """Issue 48: after the store's first failure the tracker dropped everything, `finish` included, so a
+    brief outage left the run RUNNING forever. Replayed on a real store that fails for steps 2-3: the run
+    still ends FINISHED (the end status is tried again), and the summary's MLflow lines name the lost
+    metrics. A store still down at the end costs a bounded number of tries and says the run stays RUNNING."""
+    code = """if True:
+        import sys
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from pipeline.track import Tracker
+        down, calls = [False], []
+
+        def flaky(name):
+            real = getattr(SqlAlchemyStore, name)
+
+            def call(self, *args, **kwargs):
+                calls.append(name)
+                if down[0]:
+                    raise MlflowException("the server is away")
+                return real(self, *args, **kwargs)
+            setattr(SqlAlchemyStore, name, call)
+
+        for name in ("log_batch", "update_run_info", "set_tag"):
+            flaky(name)
+        Tracker.END_RETRIES = (0.01, 0.01)
+        t = Tracker(True, run_name="outage", system_metrics=False)
+        t.log_metrics({"loss/total": 1.0, "lr": 0.1}, 1)
+        t.flush()
+        down[0] = True
+        for step in (2, 3):
+            t.log_metrics({"loss/total": 1.0, "lr": 0.1}, step)
+        t.flush()
+        t.log_metrics({"pck": 0.5}, 3)
+        down[0] = sys.argv[1] == "still-down"
+        print("UI", t.ui_command().replace(chr(10), " | "))
+        del calls[:]
+        t.finish()
+        print("RUN", t.run_id, calls.count("update_run_info"))
+    """
+    shutil.copy(mlflow_store_template(), tmp_path / "mlflow.db")  # migrated once a session
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for case in ("back", "still-down"):
+        out = subprocess.run([sys.executable, "-c", code, case], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and "RUN " in out.stdout, out.stderr[-3000:]
+        run_id, tries = out.stdout.split("RUN ")[1].split()
+        ui = out.stdout.split("UI ")[1].splitlines()[0]
+        assert "not recorded in MLflow: steps 2-3: loss/total, lr; step 3: pck" in ui, ui
+        run = client.get_run(run_id)
+        if case == "back":
+            assert run.info.status == "FINISHED" and "steps 2-3: loss/total, lr" in run.data.tags["tracking_gap"]
+        else:  # 1 + 2 retries, then a line that says so
+            assert run.info.status == "RUNNING" and tries == "3", out.stderr[-3000:]
+            assert "stays RUNNING" in out.stderr
 
 
 def test_mshg_runs_without_a_store_says_so_and_creates_nothing(tmp_path, capsys):
