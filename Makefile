@@ -36,12 +36,16 @@ shards: setup
 train: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mshg train --ranks $(RANKS) --config $(CONFIG) $(ARGS)
 
-demo: shards train
+# each prints its own wall time at the end: the README states these, measured
+demo: setup
+	@start=$$(date +%s); $(MAKE) --no-print-directory shards train && \
+	echo "make demo: $$(( $$(date +%s) - start )) s (after set-up)"
 
 # 2 pytest-xdist workers: one test's processes leave a core idle most of the time (1 torch thread a rank,
 # start-up, waits). TEST_WORKERS=0 runs the suite in one process.
 test: setup
-	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	@start=$$(date +%s); $(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); \
+	code=$$?; echo "make test: $$(( $$(date +%s) - start )) s of pytest"; exit $$code
 
 # The first ten minutes on a GPU node: PASS/FAIL per stage of the GPU path (exits 0 without a GPU).
 gpu-smoke: setup

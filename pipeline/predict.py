@@ -27,7 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import validate
-from pipeline.inference import ACCURATE, FAST, inference_device, predict_images, read_image, usable_box
+from pipeline.inference import (ACCURATE, FAST, MIN_BOX_SIDE, inference_device, predict_images, read_image,
+                                usable_box)
 from pipeline.plots import draw_skeleton
 from pipeline.weights import load_trained
 from shards.datasets import COCO_JOINTS
@@ -271,7 +272,10 @@ def main(args) -> int:
                 frames += writer.count - before
             else:
                 try:
-                    batch.append(({"image": path}, read_image(path), boxes.get(path)))
+                    image = read_image(path)
+                    if max(image.shape[:2]) < MIN_BOX_SIDE:
+                        raise ValueError(f"{path}: {image.shape[1]}x{image.shape[0]} pixels, too small to find a person in")
+                    batch.append(({"image": path}, image, boxes.get(path)))
                 except ValueError as e:
                     skips.add(path, str(e).removeprefix(f"{path}: "))
                 if len(batch) >= args.batch_size:

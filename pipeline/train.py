@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import random
 import resource
@@ -25,13 +27,15 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.checkpoint import Checkpointer, full_state_dict
-from pipeline.config import Config, ConfigError, batch_plan, flatten, load_config, mix_sizes, read_deepspeed_file, to_dict
+from pipeline.checkpoint import META, Checkpointer, full_state_dict
+from pipeline.config import (Config, ConfigError, batch_plan, config_from_yaml, flatten, load_config, mix_sizes,
+                             read_deepspeed_file, to_dict)
 from pipeline.ema import WeightAverage
 from pipeline.data import BadSampleError, MixedBatches, TrainBatches
 from pipeline.evaluate import TORSO_JOINTS, Validation, headline, joint_indices, metric_kind
@@ -161,6 +165,29 @@ def check_exact_resume(state: dict, **now) -> None:
     if changed:
         raise ConfigError(f"cannot resume exactly ({', '.join(changed)}): resume with the same ranks, "
                           f"train.micro_batch and data.seed, or start a new run")
+
+
+# settings a resume cannot change: the optimizer's state and the schedule's base rates come from the checkpoint
+RESUME_FIXED = ("train.optimizer", "train.lr", "train.weight_decay", "train.lr_schedule", "train.warmup_steps",
+                "train.cos_min_ratio", "train.lr_step_every", "train.lr_step_gamma")
+
+
+def check_same_recipe(saved: Config, now: Config, saved_shards: str | None, now_shards: str) -> None:
+    """A resume continues the checkpoint's optimizer, schedule and data: a changed lr (or any RESUME_FIXED
+    setting) or other training shards would be recorded but not applied, so the resume is refused by name."""
+    changed = [f"{key} {old} -> {new}" for key in RESUME_FIXED
+               if (old := getattr(getattr(saved, key.split(".")[0]), key.split(".")[1]))
+               != (new := getattr(getattr(now, key.split(".")[0]), key.split(".")[1]))]
+    if saved_shards and saved_shards != now_shards:
+        changed.append(f"data.train_shards: other shards than the run's (manifest.json {saved_shards} -> {now_shards})")
+    if changed:
+        raise ConfigError(f"cannot resume with changed settings ({'; '.join(changed)}): the optimizer, schedule and "
+                          f"data position continue from the checkpoint. Resume with the run's own settings, or start a "
+                          f"new run from its weights with train.init_from=runs/{now.train.run_name or 'NAME'}")
+
+
+def manifest_digest(shards: ShardSet) -> str:
+    return hashlib.sha256((Path(shards.root) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
 def rng_state() -> dict:
@@ -311,10 +338,14 @@ class Trainer:
         return {"step": self.step, **self.batches.state_dict(), "seconds": self.seconds(),
                 "world_size": self.world.size, "micro_batch": self.micro_batch,
                 "data_seed": self.cfg.data.seed, "stopper": self.stopper.state_dict(),
+                "train_manifest": manifest_digest(self.train_shards),
                 "mlflow_run_id": self.tracker.run_id, "rng": distributed.gather_objects(rng_state(), self.world)}
 
     def load_state_dict(self, state: dict, tag: str) -> None:
         check_exact_resume(state, world_size=self.world.size, micro_batch=self.micro_batch, data_seed=self.cfg.data.seed)
+        meta = json.loads((self.checkpointer.dir / tag / META).read_text())
+        check_same_recipe(config_from_yaml(meta["config"], f"{tag}/{META}"), self.cfg, state.get("train_manifest"),
+                          manifest_digest(self.train_shards))
         if self.ema is not None:
             averaged = self.checkpointer.load_tensors(tag, "ema")
             if averaged is None:

@@ -42,7 +42,7 @@ def test_pck_hand_computed():
 
 
 def test_error_bands_count_a_left_right_swap_and_agree_with_pck():
-    from bench.error_bands import bands
+    from bench.analyses.error_bands import bands
     gt = np.ones((4, 14, 3))
     gt[..., 0], gt[..., 1] = 50.0 * np.arange(14), 300.0  # joints 50 px apart: no mirror within 0.2
     gt[:, 9, :2], gt[:, 2, :2] = (0, 0), (60, 80)  # torso 100 px: 0.2 = 20 px
@@ -62,7 +62,7 @@ def test_error_bands_count_a_left_right_swap_and_agree_with_pck():
 def test_side_check_flags_a_mirrored_person_and_writes_its_labels_swapped(tmp_path):
     import scipy.io
 
-    from bench.side_check import flagged_ids, pair_votes, write_fixed
+    from bench.analyses.side_check import flagged_ids, pair_votes, write_fixed
     pairs = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
     gt = np.ones((14, 3))
     gt[:, 0], gt[:, 1] = 50.0 * np.arange(14), 300.0
@@ -93,7 +93,7 @@ def test_side_check_flags_a_mirrored_person_and_writes_its_labels_swapped(tmp_pa
 def test_pair_redecode_moves_a_double_counted_joint_to_its_second_peak_only():
     import torch
 
-    from bench.pair_redecode import pair_outcomes, separate_pairs
+    from bench.analyses.pair_redecode import pair_outcomes, separate_pairs
     maps = torch.zeros(3, 4, 16, 16)  # joints 0/1 a pair, 2/3 a pair
     maps[:, 0, 5, 5], maps[:, 1, 5, 6] = 1.0, 0.8  # both peaks on one spot: joint 1 (lower) is double counted
     maps[0, 1, 12, 12] = 0.5  # image 0: joint 1 has a second peak elsewhere, 0.62 of its own

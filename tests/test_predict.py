@@ -29,8 +29,8 @@ def photo(i: int) -> str:
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """The tiny model's convolutions are faster on one thread than on two that share the 2 cores with a
-    training; the results are the same."""
+    """The tiny model's convolutions run several times faster on one thread than on threads that share the
+    cores with other work (a training, the other xdist worker); the results are the same."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -102,7 +102,8 @@ def test_folders_globs_and_bad_sources_each_cost_only_themselves(weights, tmp_pa
     (tmp_path / "empty").mkdir()
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n and then nothing of a PNG")
-    missing, nothing, pattern = tmp_path / "missing.jpg", str(tmp_path / "none" / "*.jpg"), str(tmp_path / "more" / "**" / "*.jpg")
+    missing, nothing = tmp_path / "missing.jpg", str(tmp_path / "none" / "*.jpg")
+    pattern = str(tmp_path / "more" / "**" / "*.jpg")  # as the shell passes a quoted pattern
     out = tmp_path / "p.json"
     assert predict(weights, "--out", str(out), "--batch-size", "3", str(folder), pattern, str(missing), nothing,
                    str(tmp_path / "empty"), str(bad), photo(166)) == 0
@@ -165,7 +166,10 @@ def test_read_image_gives_rgb_as_a_viewer_shows_it(tmp_path):
     from pipeline.inference import read_image
 
     files = write_image_modes(tmp_path)
-    modes = {name: Image.open(path).mode for name, (path, _, _) in files.items()}
+    modes = {}
+    for name, (path, _, _) in files.items():
+        with Image.open(path) as image:
+            modes[name] = image.mode
     assert modes == {"gray": "L", "cmyk": "CMYK", "alpha": "RGBA", "gray16": "I;16", "palette": "P",
                      "exif6": "RGB", "exif8": "RGB"}  # the files are what they claim to be
     for name, (path, seen, tolerance) in files.items():
@@ -201,12 +205,12 @@ def test_predict_takes_every_image_mode_and_exif_rotation(weights, tmp_path, cap
 def test_jsonl_is_written_as_it_goes(weights, tmp_path):
     """Each prediction reaches the .jsonl as it is made: the lines appear one by one, not in a buffer's chunks,
     and killed half-way (SIGKILL: no chance to tidy up) the file holds every prediction made, each line a whole
-    JSON record. (--accurate at three scales: ~1 s an image here, so that the lines come well apart.)"""
+    JSON record. (--accurate: ~0.5 s an image here on one thread, so that the lines come well apart.)"""
     out = tmp_path / "x.jsonl"
     images = [photo(i) for i in range(161, 173)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pipeline.cli", "predict", "--checkpoint", str(weights), "--batch-size", "1",
-           "--accurate", "--scales", "0.8,1,1.25", "--out", str(out), *images]
+           "--accurate", "--out", str(out), *images]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = ""  # the file when it first held 3 lines
     try:
@@ -225,7 +229,7 @@ def test_jsonl_is_written_as_it_goes(weights, tmp_path):
     assert seen and proc.returncode == -signal.SIGKILL, \
         f"not killed while writing (exit {proc.returncode}):\n{err.decode()[-2000:]}"
     # the header and the first records came one at a time (a buffered file shows its first ~9 lines at once)
-    assert seen.count("\n") <= 5, f"{seen.count(chr(10))} lines appeared at once"
+    assert seen.count("\n") <= 6, f"{seen.count(chr(10))} lines appeared at once"
     text = out.read_text()
     assert text.endswith("\n") and text.startswith(seen)
     lines = text.splitlines()

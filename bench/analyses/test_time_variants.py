@@ -1,7 +1,7 @@
 """Test-time variants a trained run was scored with before `eval.scales` existed: crops re-cut from each
 validation photograph (with its box) at other paddings and input sizes, one crop or several averaged.
 
-    python bench/test_time_variants.py runs/NAME [--shards runs/shards/lspet-val] [--size 96] 1.25 1.15 1.1,1.25,1.45
+    python bench/analyses/test_time_variants.py runs/NAME [--shards runs/shards/lspet-val] [--size 96] 1.25 1.15 1.1,1.25,1.45
 
 Each positional argument is one variant: a comma-separated list of paddings (crop side = padding x the box's
 longer side); a list of several re-cuts the photo at each, and their heatmaps (flip test, the run's modules) are

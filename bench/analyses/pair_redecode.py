@@ -1,7 +1,7 @@
 """Double counting of symmetric limbs, and whether decoding can undo it: each left/right pair's outcome, and
 PCK when one joint of a pair whose two peaks coincide is re-decoded from its best peak elsewhere.
 
-    python bench/pair_redecode.py runs/NAME [--shards runs/shards/lspet-val]
+    python bench/analyses/pair_redecode.py runs/NAME [--shards runs/shards/lspet-val]
 
 Scores the boxed photographs with the run's eval settings (flip test, its scales, its modules fused) once,
 keeping the heatmaps, then decodes them again with `separate_pairs` over a grid of radius (heatmap cells) and

@@ -1,10 +1,10 @@
 """Left/right label check: persons whose annotation has left and right swapped, as a trained run sees them.
 
-    python bench/side_check.py runs/NAME --shards runs/shards/lspet-train [--fix-root ../shared/data/lspet --out DIR]
+    python bench/analyses/side_check.py runs/NAME --shards runs/shards/lspet-train [--fix-root ../shared/data/lspet --out DIR]
 
 LSPET's annotations were crowd-sourced, and a worker who names the limbs from the observer's side labels a
 person mirrored (the left limbs named right). A run trained on them predicts, on the validation photographs, ~19 % of the scored
-joints on the opposite joint's truth (`bench/error_bands.py`). This scores each person's photograph (with its
+joints on the opposite joint's truth (`bench/analyses/error_bands.py`). This scores each person's photograph (with its
 box, one scale, the flip test) and compares, for each left/right pair whose four points are labelled, the
 prediction against the pair as labelled and as swapped: a pair votes "swapped" when the swapped reading is
 closer by more than MARGIN torso units, "as labelled" when that one is closer by more than MARGIN. A person

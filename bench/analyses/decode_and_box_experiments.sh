@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decoding and bare-photo box-rule experiments on a trained run's weights, evaluation only (issue 19):
 #
-#   bench/decode_and_box_experiments.sh [RUN_DIR] [VAL_SHARDS] [GROUP...]
+#   bench/analyses/decode_and_box_experiments.sh [RUN_DIR] [VAL_SHARDS] [GROUP...]
 #       default: runs/lspet-cpu-recipe-r3 runs/shards/lspet-val, every group
 #
 # Groups:
@@ -15,7 +15,7 @@
 # test, as --accurate) are set in-process.
 # Each result also goes to runs/evals/*.json. About 1-4 minutes an evaluation on the 2-core machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 run=${1:-runs/lspet-cpu-recipe-r3}
 val=${2:-runs/shards/lspet-val}
 shift 2 || shift $#

@@ -1,7 +1,7 @@
 """Where a trained run's misses lie: each scored joint's distance to the truth in torso units, in bands, and how
 many misses sit on the other side's joint (a left/right swap), per joint and overall.
 
-    python bench/error_bands.py runs/NAME [--shards runs/shards/lspet-val] [--photos boxes|bare]
+    python bench/analyses/error_bands.py runs/NAME [--shards runs/shards/lspet-val] [--photos boxes|bare]
 
 Scores the photographs as `mshg evaluate --photos` does (the run's eval settings: flip test, its scales) and
 prints one table: PCK@0.2, the share of joints within 0.3 and 0.5 torso, and the share of joints whose
