@@ -17,7 +17,7 @@ TEST_WORKERS ?= 2
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11; or 3.12: make PYTHON=python3.12 ...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)",@echo "keeping the CUDA build of torch in $(VENV)")
