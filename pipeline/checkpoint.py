@@ -282,6 +282,13 @@ class Checkpointer:
         verdict = next((v for v in gather_objects(verdict, self.world) if v), None)
         if verdict:
             raise ConfigError(verdict)
+        written_by = json.loads((self.dir / tag / META).read_text()).get("world_size") \
+            if (self.dir / tag / META).is_file() else None
+        if written_by is not None and written_by != self.world.size:  # DeepSpeed would raise deep in ZeRO's loader
+            raise ConfigError(f"{self.dir / tag}: written by {written_by} rank(s), but this run has {self.world.size}: "
+                              f"resuming on another number of ranks is not supported yet; resume with {written_by} "
+                              f"rank(s), or start a new run from its weights with "
+                              f"train.init_from={self.dir.parent}")
         try:
             path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:

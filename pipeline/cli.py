@@ -96,7 +96,7 @@ def cmd_train(args) -> int:
         if code == 0 and summary.is_file():
             print("\n" + summary.read_text(), end="", flush=True)
         elif code not in (0, 75):  # 75: checkpointed after a signal, the run is KILLED and resumable
-            from pipeline.track import mark_failed
+            from pipeline.runs import mark_failed
 
             if mark_failed(Path(cfg.train.out_dir) / run_name, f"a rank exited with code {code} (see the log above)"):
                 print(f"mshg train: the ranks exited with code {code}; MLflow run {run_name} marked FAILED",
@@ -218,7 +218,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from pipeline.track import print_runs
+    from pipeline.runs import print_runs
 
     if args.compare is not None and len(args.compare) < 2:
         raise ValueError("--compare needs two or more runs (names or ids)")
@@ -228,7 +228,7 @@ def cmd_runs(args) -> int:
 def cmd_propose_stop(args) -> int:
     """`mshg propose-stop RUN`: stop.expected_loss / tolerance / window from a calibration run's curves."""
     from pipeline.stop import propose
-    from pipeline.track import run_curves
+    from pipeline.runs import run_curves
 
     curves, metric = run_curves(args.run, args.experiment, args.tracking_uri, ("loss/smoothed", "minutes"))
     steps, smoothed = curves["loss/smoothed"]
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=at_least_one, default=3,
                    help="with --photos bare: the 3 surest of the whole photo and its windows, each refined (passes - 1) "
                         "times on the box of the joints found; the surest refined crop wins (default 3)")
+    p.add_argument("--accurate", action="store_true",
+                   help="with --photos bare: every pass at the run's full test (its zooms and the flip test), as "
+                        "`mshg predict --accurate`")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="keypoints for photos, folders, globs and videos (the shipped model by default)",

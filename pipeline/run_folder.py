@@ -19,7 +19,7 @@ from pipeline.config import Config, ConfigError, save_config
 
 LOG_FILE, SUMMARY_FILE, CONFIG_FILE, LOCK_FILE = "train.log", "summary.txt", "config.yaml", ".lock"
 # the run's MLflow run id, written by the tracker when the run starts: how `mshg train --ranks N` finds the
-# run to mark FAILED after a rank died (pipeline.track.mark_failed), never another run of the same name
+# run to mark FAILED after a rank died (pipeline.runs.mark_failed), never another run of the same name
 RUN_ID_FILE = "mlflow_run_id"
 
 

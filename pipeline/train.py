@@ -24,6 +24,7 @@ import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -38,14 +39,16 @@ from pipeline.config import (Config, ConfigError, batch_plan, config_from_yaml, 
                              read_deepspeed_file, to_dict)
 from pipeline.ema import WeightAverage
 from pipeline.data import BadSampleError, MixedBatches, TrainBatches
-from pipeline.evaluate import TORSO_JOINTS, Validation, headline, joint_indices, metric_kind
+from pipeline.export import HeatmapModel, export_model_onnx, onnx_metadata
 from pipeline.inputs import joint_map, training_inputs
+from pipeline.metrics import headline, metric_for
 from pipeline.model import build_model
 from pipeline.run_folder import CONFIG_FILE, RunFolder, default_run_name
 from pipeline.schedule import deepspeed_scheduler, make_scheduler
 from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, StopSignals, reason_code, reason_from_code
 from pipeline.targets import cascade_loss
 from pipeline.track import Tracker, warn, within
+from pipeline.validate import Validation
 from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint, init_from, load_trained
 from shards.format import ShardSet
 
@@ -117,11 +120,11 @@ def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]
             joint_map(train.joints, s.joints, x.joints, f"data.extra_sets[{k}] ({x.shards})")
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    if val and metric_kind(val.dataset, val.oks_sigmas) == "pck":  # PCK needs the torso joints, by name
+    if val:  # its metric finds the joints it needs by name (PCK's torso, PCKh's pelvis and thorax)
         try:
-            joint_indices(val.joints, TORSO_JOINTS, f"data.val_shards {cfg.data.val_shards}: PCK's torso")
+            metric_for(val)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"data.val_shards {cfg.data.val_shards}: {e}") from None
     if val and val.joints != train.joints:
         raise ConfigError(f"data.val_shards {cfg.data.val_shards} ({val.dataset}, {len(val.joints)} joints) has "
                           f"other joints than data.train_shards {cfg.data.train_shards} ({train.dataset}, "
@@ -549,9 +552,28 @@ def publish_run(cfg: Config, folder: RunFolder, tracker: Tracker, metrics: dict 
                                tracker.run_id, tracker.ui_command(), seconds), flush=True)
     if weights and cfg.train.log_model:  # bounded: the run's end must not hang in the export (docs/gpu.md)
         model, _, meta = load_trained(weights)
-        if not within(cfg.train.log_model_timeout, tracker.log_model, model, cfg.data.input_size, meta["joints"],
-                      meta["flip_pairs"]):
+        if not within(cfg.train.log_model_timeout, log_final_model, tracker, model, cfg.data.input_size,
+                      meta["joints"], meta["flip_pairs"]):
             warn(log_model_timed_out(cfg.train.log_model_timeout))
+
+
+def log_final_model(tracker: Tracker, model: torch.nn.Module, input_size: int, joints: list[str],
+                    flip_pairs: list[list[int]]) -> None:
+    """The final model to MLflow: exported to ONNX here (a model that cannot be exported is a warning, not a
+    failed run), then the tracker logs the file and the model (last-module heatmaps) with its metadata."""
+    if not tracker.recording:
+        return
+    model = model.float().cpu().eval()
+    stride = int(model.strides[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            onnx_file = export_model_onnx(model, input_size, Path(tmp) / "model.onnx",
+                                          onnx_metadata(joints, flip_pairs, input_size, stride))
+        except Exception as e:
+            warn(f"ONNX export failed ({type(e).__name__}: {e}); the run has no onnx/model.onnx")
+            onnx_file = None
+        tracker.log_model(HeatmapModel(model).eval(), onnx_file, input_size,
+                          {"joints": joints, "flip_pairs": flip_pairs, "input_size": input_size, "stride": stride})
 
 
 def log_model_timed_out(seconds: float) -> str:

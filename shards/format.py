@@ -1,6 +1,7 @@
 """The shard format, in one place: what a sample's members are called, and the manifest reader.
-`shards/write.py` writes it, `shards/verify.py` checks it, `pipeline/data.py` (DALI) reads it. No DALI here:
-evaluation, predict and export open shard sets without it.
+`shards/write.py` writes it, `shards/verify.py` checks it, `pipeline/data.py` (DALI) reads it; outside DALI every
+tar is read here (`read_samples`: the photographs, the per-sample metadata). No DALI here: evaluation, predict
+and export open shard sets without it.
 
 A sample {key} has five members: {key}.jpg (or .png), {key}.box.npy, {key}.idx.npy, {key}.json and
 {key}.kp.npy (see docs/shards.md). DALI's webdataset reader names a member by everything after the
@@ -42,8 +43,10 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def read_samples(tar_path):
-    """Yield (key, {ext: bytes}) in tar order; a key must not come back after another key."""
+def read_samples(tar_path, exts: tuple[str, ...] | None = None):
+    """Yield (key, {ext: bytes}) in tar order; a key must not come back after another key. `exts`: only these
+    members are read (the others are skipped unread), e.g. (META_MEMBER,) for the metadata alone. The one tar
+    reader of the project's Python side: verify, the photographs and the metadata all read through it."""
     current, members = None, {}
     with tarfile.open(tar_path) as tar:
         for info in tar:
@@ -54,19 +57,32 @@ def read_samples(tar_path):
                 if current is not None:
                     yield current, members
                 current, members = key, {}
-            members[ext] = tar.extractfile(info).read()
+            if exts is None or ext in exts:
+                members[ext] = tar.extractfile(info).read()
     if current is not None:
         yield current, members
 
 
 def read_photos(tar_path):
     """Yield (where: "TAR: sample KEY", sample id, the image bytes as shipped, keypoints (J, 3) in original
-    pixels, the person box) of every sample of a tar: the photographs themselves, not the pipeline's crops."""
+    pixels, the person box, the sample's JSON metadata) of every sample of a tar: the photographs themselves,
+    not the pipeline's crops."""
     for key, m in read_samples(tar_path):
         image = next(m[ext] for ext in IMAGE_MEMBERS if ext in m)
         arrays = {ext: np.load(io.BytesIO(m[ext])) for ext in NPY_MEMBERS}
         yield (f"{tar_path}: sample {key}", int(arrays["idx.npy"].reshape(-1)[0]), image, arrays["kp.npy"],
-               arrays["box.npy"].tolist())
+               arrays["box.npy"].tolist(), json.loads(m[META_MEMBER]) if META_MEMBER in m else {})
+
+
+def read_metadata(shards) -> dict[int, dict]:
+    """Each sample's JSON metadata of a shard set (anything with `tars`), by sample id: what DALI does not
+    carry (head box, COCO image id, area, ...). Only the JSON members are read."""
+    metas = {}
+    for tar in shards.tars:
+        for _, m in read_samples(tar, (META_MEMBER,)):
+            meta = json.loads(m[META_MEMBER])
+            metas[int(meta["idx"])] = meta
+    return metas
 
 
 @dataclass

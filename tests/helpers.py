@@ -2,6 +2,7 @@
 training process, free ports, the MLflow run of a test's store."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,6 +23,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def no_rank_started(monkeypatch):
+    """A `mshg train --ranks N` inside must stop before the DeepSpeed launcher starts a rank: the launcher's
+    subprocess.call is replaced by one that records the command and fails, and the block must not reach it.
+    An ordering, not a wall-clock bound (on 2 loaded cores that measures the imports, not the check)."""
+    import pipeline.cli
+
+    started = []
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.cli.subprocess, "call", lambda cmd, *a, **k: started.append(cmd) or 1)
+        yield started
+    assert not started, f"the launcher was started: {' '.join(map(str, started[0]))}"
 
 
 def run_env(tmp: Path | None = None, tracking_uri: str | None = None, **extra: str) -> dict:
@@ -53,6 +68,95 @@ def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1, timeout: int = 
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+class Training:
+    """A training started in the background in `tmp` (stdout and stderr merged into `lines`, read by a
+    thread as they come), for the tests that act on it while it runs: `wait_for` a line, then signal it."""
+
+    def __init__(self, tmp: Path, cfg: Path, *overrides: str, env: dict | None = None):
+        import threading
+
+        self.proc = subprocess.Popen(train_cmd(cfg, *overrides), cwd=tmp, env=env or run_env(tmp),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str = r"step +1 epoch", timeout: float = 300) -> str:
+        """The first line matching `pattern` (default: step 1's log line), once it is out; fails, with the
+        output's tail, if the training ends or `timeout` s pass first."""
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((line for line in self.lines if re.search(pattern, line)), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                assert not self._ended and left > 0, (
+                    f"no line matching {pattern!r} ({'the training ended' if self._ended else 'timed out'}):\n"
+                    + self.output[-3000:])
+                self._changed.wait(left)
+
+    def wait(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(60)
+
+
+def tar_members(path: Path) -> list:
+    """[(TarInfo, bytes)] of the files of tar `path`, in order."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(info, tar.extractfile(info).read()) for info in tar if info.isfile()]
+
+
+def rewrite_tar(path: Path, change) -> None:
+    """Rewrite tar `path` with each member's bytes replaced by `change(name, data)` (same names, order
+    and metadata; sizes follow the new bytes). The DALI index and manifest are the caller's to fix, or to
+    leave stale on purpose (see `reseal`)."""
+    import io
+    import tarfile
+
+    members = tar_members(path)
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            data = change(info.name, data)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def reseal(shard_dir: Path, *tars: str) -> None:
+    """The manifest's sha256 and byte count of the tars named (default: all) made to match the files again:
+    a damaged set that passes the checksum check, so that a content check must find the damage."""
+    import hashlib
+    import json
+
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    for shard in (s for s in manifest["shards"] if not tars or s["tar"] in tars):
+        tar = shard_dir / shard["tar"]
+        shard.update(sha256=hashlib.sha256(tar.read_bytes()).hexdigest(), bytes=tar.stat().st_size)
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def find_run(tmp: Path | str, name: str):

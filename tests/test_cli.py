@@ -247,7 +247,7 @@ def test_within_bounds_a_call_and_keeps_the_callers_mlflow_run():
         fluent._active_run_stack.get().remove(run)
 
 
-def test_a_slow_model_export_ends_the_run_after_train_log_model_timeout(weights, tmp_path, capsys):
+def test_a_slow_model_export_ends_the_run_after_train_log_model_timeout(weights, tmp_path, capsys, monkeypatch):
     import time
 
     from pipeline import train
@@ -259,9 +259,10 @@ def test_a_slow_model_export_ends_the_run_after_train_log_model_timeout(weights,
         exported.append("started")
         time.sleep(60)
 
+    monkeypatch.setattr(train, "export_model_onnx", slow_export)  # the ONNX export before the tracker logs it
     tracker = types.SimpleNamespace(log_metrics=lambda *a: None, log_artifact=lambda *a: None,
                                     log_loss_curves=lambda *a: None, run_id="r", ui_command=lambda: "ui",
-                                    log_model=slow_export)
+                                    recording=True, log_model=lambda *a: None)
     folder = RunFolder(tmp_path, "run")
     folder.path.mkdir()
     folder.log_file.write_text("")

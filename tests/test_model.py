@@ -140,7 +140,8 @@ def test_counts_and_describe():
 
 
 def test_build_model_rejects_too_small_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="input_size=32 at stride 8 leaves no room for an hourglass down to "
+                                         "hg_min_size=4"):
         build_model(ModelConfig(stages=[[8, 1]], hg_min_size=4), J, input_size=32)  # 4 px at /8: no room
 
 

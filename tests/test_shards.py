@@ -22,11 +22,13 @@ from wds2idx import IndexCreator
 
 from shards import cli
 from shards.verify import verify
+from tests.helpers import reseal, rewrite_tar, tar_members
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "shards" / "sample" / "lspet"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
+MPII_FIXTURE = REPO / "tests" / "fixtures" / "mpii" / "test_mpii.json"  # = ../shared/data/pose_fixtures/mpii's
 
 
 def run(capsys, *argv):
@@ -125,8 +127,7 @@ def test_lspet_tar_bytes_equal_tarfile_and_webdataset(lspet_out, tmp_path):
 
     shard = manifest(lspet_out)["shards"][0]
     written = (lspet_out / shard["tar"]).read_bytes()
-    with tarfile.open(lspet_out / shard["tar"]) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members = tar_members(lspet_out / shard["tar"])
     assert len(members) == 5 * shard["samples"]
     assert all((m.mode, m.uname, m.gname, m.uid, m.mtime, m.type) == (0o444, "mshg", "mshg", 0, 0, tarfile.REGTYPE)
                for m, _ in members)
@@ -189,6 +190,41 @@ def test_range_and_determinism(tmp_path, capsys):
                "--overwrite")[0] == 0
     assert tar_bytes(a) == tar_bytes(b)
     assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", a, "--range", "150:201", "--overwrite")[0] == 2
+
+
+def test_split_file_prefix_and_max_size_shape_the_set(tmp_path, capsys):
+    """`mshg shard lspet` on the embedded sample: --split-file keeps only the images it lists (comments and
+    folders ignored), --prefix names the tars, --max-size cuts a new tar before one would pass the size."""
+    chosen = [3, 5, 8, 13, 21, 34, 55, 89, 144, 199]
+    split = tmp_path / "val_images.txt"
+    split.write_text("# the validation images\n" + "".join(f"images/im{i:05d}.jpg  # #{i}\n" for i in chosen) + "\n")
+    out = tmp_path / "val"
+    sizes = [(SAMPLE / "images" / f"im{i:05d}.jpg").stat().st_size + 5 * 1024 for i in chosen]
+    limit = 3 * max(sizes)  # 3 samples a tar at least, the 10 need several
+    code, _, err = run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", out, "--split-file", split,
+                       "--prefix", "lspet-val", "--max-size", limit, "--order", "source")
+    assert code == 0, err
+    m = manifest(out)
+    assert m["num_samples"] == len(chosen) and m["source"]["split_file"] == str(split)
+    assert len(m["shards"]) >= 2 and sum(s["samples"] for s in m["shards"]) == len(chosen)
+    assert [s["tar"] for s in m["shards"]] == [f"lspet-val-{n:06d}.tar" for n in range(len(m["shards"]))]
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", *(s["tar"] for s in m["shards"]),
+                                              *(s["index"] for s in m["shards"])])
+    keys = []
+    for s in m["shards"]:
+        with tarfile.open(out / s["tar"]) as tar:
+            keys += sorted({member.name.split(".", 1)[0] for member in tar.getmembers()})
+    assert keys == [f"lspet_{i:06d}" for i in chosen]  # --order source: in the split's order
+    # the size is reckoned from the files (image + 5 KiB of small members; a tar itself is padded to 10 KiB
+    # records): each tar holds what fits the limit, and a new one starts where the next sample would not
+    ends = np.cumsum([s["samples"] for s in m["shards"]])
+    for start, end in zip([0, *ends[:-1]], ends):
+        assert sum(sizes[start:end]) <= limit
+        assert end == len(chosen) or sum(sizes[start:end + 1]) > limit
+    assert verify(str(out), progress=False) == []
+    # without --max-size the same 10 fit one tar
+    assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--out", tmp_path / "one", "--split-file", split)[0] == 0
+    assert [s["samples"] for s in manifest(tmp_path / "one")["shards"]] == [len(chosen)]
 
 
 def test_lsp_format(tmp_path, capsys):
@@ -411,7 +447,6 @@ def test_verify_names_the_bad_shard_and_sample(tmp_path, capsys):
     out = tmp_path / "out"
     assert run(capsys, "shard", "lspet", "--root", SAMPLE, "--range", "1:20", "--maxcount", 10, "--out", out,
                "--order", "source")[0] == 0
-    m = manifest(out)
     # a flipped byte in a JPEG of the second shard
     tar = out / "shard-000001.tar"
     data = bytearray(tar.read_bytes())
@@ -422,19 +457,10 @@ def test_verify_names_the_bad_shard_and_sample(tmp_path, capsys):
     code, _, err = run(capsys, "verify", out)
     assert code == 1 and "shard-000001.tar: sha256 differs from manifest" in err
     # a sample whose keypoints hold NaN, written with a correct checksum: found by content
-    with tarfile.open(out / "shard-000000.tar") as t:
-        members = [(info, t.extractfile(info).read()) for info in t.getmembers()]
     bad = io.BytesIO()
     np.save(bad, np.full((14, 3), np.nan, dtype=np.float32))
-    with tarfile.open(out / "shard-000000.tar", "w") as t:
-        for info, payload in members:
-            payload = bad.getvalue() if info.name == "lspet_000004.kp.npy" else payload
-            info.size = len(payload)
-            t.addfile(info, io.BytesIO(payload))
-    import hashlib
-    m["shards"][0]["sha256"] = hashlib.sha256((out / "shard-000000.tar").read_bytes()).hexdigest()
-    m["shards"][0]["bytes"] = (out / "shard-000000.tar").stat().st_size
-    (out / "manifest.json").write_text(json.dumps(m))
+    rewrite_tar(out / "shard-000000.tar", lambda name, data: bad.getvalue() if name == "lspet_000004.kp.npy" else data)
+    reseal(out, "shard-000000.tar")
     code, _, err = run(capsys, "verify", out)
     assert code == 1 and "shard-000000.tar sample lspet_000004: kp.npy holds non-finite values" in err
     # a missing index and an unlisted tar
@@ -467,9 +493,8 @@ def test_lspet_validation_split_from_shared(tmp_path, capsys):
     assert verify(str(out), progress=False) == []
 
 
-@shared
 def test_mpii_fixtures_round_trip(tmp_path, capsys):
-    ann = SHARED / "pose_fixtures" / "mpii" / "test_mpii.json"
+    ann = MPII_FIXTURE
     out = tmp_path / "out"
     assert run(capsys, "shard", "mpii", "--images", ann.parent, "--annotations", ann, "--out", out)[0] == 0
     assert verify(str(out), progress=False) == []
@@ -550,12 +575,11 @@ def struct_array(items):
     return arr
 
 
-@shared
 def test_mpii_official_mat_gives_the_json_keypoints(tmp_path, capsys):
     """The 5 MPII fixture persons written in the layout of mpii_human_pose_v1_u12_1.mat (1-based,
     RELEASE.annolist(i).annorect(j).annopoints.point) shard to the same keypoints as the JSON form;
     a person without annopoints is not a sample; one with a joint id 16 is skipped and counted."""
-    ann = SHARED / "pose_fixtures" / "mpii" / "test_mpii.json"
+    ann = MPII_FIXTURE
     records = json.loads(ann.read_text())
     annolist = []
     for r in records:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as mshg
-from pipeline.evaluate import pck
+from pipeline.metrics import pck
 from pipeline.weights import DEFAULT_MODEL, load_trained, shipped_models
 from tests.helpers import REPO
 

@@ -21,22 +21,39 @@ from tests.slurm_cluster import _pids_with_env, slurm  # noqa: F401  (the module
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_SBATCH = REPO / "launch" / "slurm" / "train_cpu.sbatch"
+CONFIG = str(REPO / "configs" / "lspet_cpu.yaml")  # a real config: the stand-in loads it as the trainer would
 
 FAKE_TRAINER = r'''
-"""Stand-in for pipeline.train: prints what it was given, then behaves per fake.mode=..."""
-import os, signal, sys, time
+"""Stand-in for pipeline.train, for the faults the real trainer cannot produce on cue (a rank SIGKILLed
+while its peer hangs; a signal at a known moment, seconds after the start). It keeps the real contract:
+the trainer's arguments (--config FILE, --local_rank, key=value overrides) read by the real config loader,
+so a missing file or a wrong key fails as in pipeline.train (one line, exit 2); the run folder
+train.out_dir/train.run_name; on USR1/TERM `latest` written and exit 75; a resume when `latest` exists.
+What it does is chosen by MSHG_FAKE_MODE (print, preempt, die), an environment variable and not a config
+key, since the real loader refuses keys it does not know."""
+import argparse, os, signal, sys, time
 from pathlib import Path
 
-args = sys.argv[1:]
-opts = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+from pipeline.config import ConfigError, load_config
+
+parser = argparse.ArgumentParser(prog="python -m pipeline.train")  # pipeline.train.parse_args's arguments
+parser.add_argument("--config", required=True)
+parser.add_argument("--local_rank", type=int, default=None)
+parser.add_argument("overrides", nargs="*")
+args = parser.parse_args()
 env = {k: os.environ.get(k, "") for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "RANK",
        "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR",
        "OMP_NUM_THREADS", "SLURM_RESTART_COUNT")}
-print("FAKE " + " ".join(f"{k}={v}" for k, v in env.items()) + " ARGV=" + "|".join(args), flush=True)
+print("FAKE " + " ".join(f"{k}={v}" for k, v in env.items()) + " ARGV=" + "|".join(sys.argv[1:]), flush=True)
+try:
+    cfg = load_config(args.config, args.overrides)
+except ConfigError as e:  # as pipeline.train.main
+    print(f"python -m pipeline.train: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 rank = int(os.environ["RANK"])
-run = Path("runs") / opts["train.run_name"]
+run = Path(cfg.train.out_dir) / cfg.train.run_name
 latest = run / "checkpoints" / "latest"
-mode = opts.get("fake.mode", "print")
+mode = os.environ.get("MSHG_FAKE_MODE", "print")
 
 def ready():  # tells the test this rank is up and its handlers are installed
     run.mkdir(parents=True, exist_ok=True)
@@ -68,6 +85,7 @@ if mode == "die":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(120)
     sys.exit(0)
+sys.exit(f"fake trainer: unknown MSHG_FAKE_MODE={mode}")
 '''
 
 
@@ -76,8 +94,35 @@ def workdir(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A submit directory (logs/ made, as users must) and the env that runs the stand-in."""
     (tmp_path / "logs").mkdir()
     (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
+    # the job's PYTHONPATH is MSHG_ROOT's (common.sh) followed by this one: the stand-in imports pipeline.config
     env = {"MSHG_ROOT": str(REPO), "MSHG_ENTRY": "fake_train", "PYTHONPATH": str(tmp_path)}
     return tmp_path, env
+
+
+def test_the_stand_in_reads_its_arguments_as_the_trainer_does(tmp_path, capsys):
+    """No SLURM needed: the stand-in and pipeline.train refuse a key the config does not have (the old
+    `train.max_steps`) with the same line and exit 2, and both accept the real config with a real key."""
+    import subprocess
+    import sys
+
+    from pipeline.train import main as real_trainer
+
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}", "RANK": "0"}  # common.sh: MSHG_ROOT first
+
+    def fake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fake_train", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    wrong = fake("--config", CONFIG, "train.max_steps=3")
+    assert real_trainer(["--config", CONFIG, "train.max_steps=3"]) == 2
+    real_line = capsys.readouterr().err.splitlines()[0]
+    assert wrong.returncode == 2 and "Key 'max_steps' not in 'TrainConfig'" in real_line, wrong.stderr
+    assert wrong.stderr.splitlines()[0] == real_line
+    missing = fake("--config", "configs/tiny.yaml")  # no such config: refused, as by the trainer
+    assert missing.returncode == 2 and "configs/tiny.yaml" in missing.stderr, missing.stderr
+    ok = fake("--config", CONFIG, "train.run_name=r", "stop.max_steps=3")
+    assert ok.returncode == 0 and "ARGV=--config|" in ok.stdout, ok.stderr
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
@@ -99,7 +144,7 @@ def fake_lines(log: str) -> list[dict[str, str]]:
 def test_two_task_job_gets_rank_variables(slurm, workdir):
     cwd, env = workdir
     t0 = time.monotonic()
-    job = slurm.sbatch(CPU_SBATCH, "--", "configs/tiny.yaml", "train.max_steps=3", env=env, cwd=cwd)
+    job = slurm.sbatch(CPU_SBATCH, "--", CONFIG, "stop.max_steps=3", env=env, cwd=cwd)
     info = slurm.wait(job, "COMPLETED", timeout=60)
     elapsed = time.monotonic() - t0
     assert info["ExitCode"] == "0:0"
@@ -121,7 +166,7 @@ def test_two_task_job_gets_rank_variables(slurm, workdir):
         assert row["DS_ACCELERATOR"] == "cpu", row
         assert row["OMP_NUM_THREADS"] == "1", row  # --cpus-per-task=1
         # config first, our run name, then the user's overrides (which may override it)
-        assert row["ARGV"] == f"--config|configs/tiny.yaml|train.run_name=slurm-{job}|train.max_steps=3", row
+        assert row["ARGV"] == f"--config|{CONFIG}|train.run_name=slurm-{job}|stop.max_steps=3", row
     assert "ranks finished with exit code 0" in log
     print(f"2-task job: submit to COMPLETED {elapsed:.1f} s")
 
@@ -150,7 +195,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, workdir):
     the job starts again (SLURM_RESTART_COUNT=1), same run name, and resumes from `latest`."""
     cwd, env = workdir
     t0 = time.monotonic()
-    job = slurm.sbatch(CPU_SBATCH, "--", "configs/tiny.yaml", "fake.mode=preempt", env=env, cwd=cwd)
+    job = slurm.sbatch(CPU_SBATCH, "--", CONFIG, env={**env, "MSHG_FAKE_MODE": "preempt"}, cwd=cwd)
     run = cwd / "runs" / f"slurm-{job}"
     wait_for(lambda: all((run / f"ready.{r}").exists() for r in (0, 1)), 30, "ranks did not start")
     slurm.signal_batch(job, "USR1")
@@ -176,9 +221,9 @@ def test_dead_rank_ends_job_and_all_its_processes(slurm, workdir):
     """One rank SIGKILLed while the other hangs: srun --wait ends the step in bounded time,
     the job FAILS, and no process of the job survives (proctrack/linuxproc kills nothing else)."""
     cwd, env = workdir
-    env = {**env, "MSHG_SRUN_WAIT": "3"}
+    env = {**env, "MSHG_SRUN_WAIT": "3", "MSHG_FAKE_MODE": "die"}
     t0 = time.monotonic()
-    job = slurm.sbatch(CPU_SBATCH, "--", "configs/tiny.yaml", "fake.mode=die", env=env, cwd=cwd)
+    job = slurm.sbatch(CPU_SBATCH, "--", CONFIG, env=env, cwd=cwd)
     run = cwd / "runs" / f"slurm-{job}"
     wait_for(lambda: (run / "ready.0").exists(), 30, "rank 0 did not start")
     pid0 = int((run / "ready.0").read_text())
@@ -202,24 +247,17 @@ def real_job(tmp_path: Path, lspet_shards) -> tuple[Path, dict[str, str]]:
 
     (tmp_path / "logs").mkdir()
     # 48 samples, 2 ranks x 4: 6 steps per epoch
-    tiny_config(tmp_path, lspet_shards, train={"out_dir": "runs"})
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # the store, once
+    tiny_config(tmp_path, lspet_shards, train={"out_dir": "runs"})  # and the store, mlflow.db (migrated once)
     env = {"MSHG_ROOT": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "PYTHONPATH": str(REPO)}
     return tmp_path, env
 
 
 def mlflow_history(cwd: Path, run_name: str, key: str = "loss/total"):
-    from mlflow.tracking import MlflowClient
+    from tests.helpers import find_run
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlflow.db")
-    runs = client.search_runs(client.get_experiment_by_name("mshg").experiment_id,
-                              filter_string=f"attributes.run_name = '{run_name}'")
-    assert len(runs) == 1, f"{len(runs)} MLflow runs named {run_name}"
-    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
-    return runs[0], steps
+    client, run = find_run(cwd, run_name)
+    return run, sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
 
 def job_log(cwd: Path, job: str) -> str:

@@ -43,7 +43,8 @@ def project_imports() -> dict[str, set[str]]:
 
 def test_no_import_cycle_in_pipeline_and_shards():
     graph = project_imports()
-    assert {"pipeline.inference", "pipeline.evaluate", "pipeline.predict", "shards.format"} <= set(graph)
+    assert {"pipeline.inference", "pipeline.evaluate", "pipeline.predict", "shards.format", "pipeline.metrics",
+            "pipeline.validate", "pipeline.runs", "pipeline.track"} <= set(graph)
     cycles = []
 
     def visit(node, path):
@@ -57,6 +58,16 @@ def test_no_import_cycle_in_pipeline_and_shards():
         visit(module, [module])
     assert not cycles, cycles
     assert "pipeline.predict" not in graph["pipeline.evaluate"] and "pipeline.evaluate" not in graph["pipeline.predict"]
+
+
+def test_each_side_imports_only_what_it_needs():
+    """Issue 49: the run's tracker (write side) neither exports the model (train.py exports, then hands it the
+    file) nor evaluates; the metrics are pure (no model, no data loading, no tracking); the tracker does not
+    know the read side."""
+    graph = project_imports()
+    assert not {"pipeline.export", "pipeline.evaluate"} & graph["pipeline.track"], graph["pipeline.track"]
+    assert "pipeline.runs" not in graph["pipeline.track"]
+    assert graph["pipeline.metrics"] <= {"shards.datasets"}, graph["pipeline.metrics"]
 
 
 # What may be imported inside a function instead of at the top of its module: DALI (its graph in
@@ -77,7 +88,7 @@ def test_imports_are_at_the_top_but_for_the_heavy_optional_ones():
 def test_inference_modules_import_without_dali():
     script = ("import sys\nsys.modules['nvidia.dali'] = None\n"
               "import pipeline.inference, pipeline.evaluate, pipeline.predict, pipeline.export, pipeline.track, "
-              "pipeline.inputs, shards.format, pipeline.cli\n"
+              "pipeline.inputs, shards.format, pipeline.cli, pipeline.metrics, pipeline.validate, pipeline.runs\n"
               "assert 'pipeline.data' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

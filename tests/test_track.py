@@ -1,5 +1,6 @@
 """MLflow for real: a tiny training run logging over HTTP to a real `mlflow server` (tests/mlflow_server.py),
-read back with MlflowClient; a run whose server is killed half-way; the default local store; `mshg runs`."""
+read back with MlflowClient; a run whose server is killed half-way; the default local store. The read side
+(`mshg runs`, `mark_failed`) is tests/test_runs.py."""
 import io
 import json
 import os
@@ -112,20 +113,6 @@ def test_logged_model_and_onnx_reproduce_the_run_weights(tracked_run, tmp_path):
     session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4)
     assert json.loads(session.get_modelmeta().custom_metadata_map["joints"]) == meta["joints"]
-
-
-def test_mshg_runs_prints_the_run_with_params_and_final_metric(tracked_run, capsys):
-    client, run, _, _ = tracked_run
-    assert mshg(["runs", "--tracking-uri", client.tracking_uri]) == 0
-    out = capsys.readouterr().out
-    header, row = out.splitlines()[0], next(line for line in out.splitlines() if line.startswith("tracked-run"))
-    for column in ["run", "status", "dataset", "config", "zero", "ranks", "steps", "stop", "loss", "final", "commit"]:
-        assert column in header.split()
-    assert "FINISHED" in row and "lspet" in row and "max_steps" in row
-    assert f"pck {100 * run.data.metrics['final/pck']:.1f}" in row
-    assert run.data.tags["git_commit"][:8] in row
-    assert "mlflow" not in row  # the UI hint is a separate line
-    assert client.tracking_uri in out
 
 
 def test_training_survives_the_server_going_away(lspet_shards, tmp_path):
@@ -378,42 +365,6 @@ def test_a_token_in_the_tracking_uri_is_never_shown(tmp_path, capsys):
         assert "live" in shown.out and "s3cr3t" not in shown.out + shown.err
 
 
-def test_mark_failed_marks_only_its_own_run_by_id(tmp_path):
-    """Issue 48: after a rank died, `mshg train --ranks N` marked every RUNNING run of the name FAILED (on a
-    shared server another user's too), and a quote in the name broke the filter. Now the run is found by the
-    id its tracker wrote into the run folder at the start; a run of the same name that is not it stays."""
-    code = """if True:
-        import os
-        from pathlib import Path
-        from mlflow.tracking import MlflowClient
-        from pipeline.track import Tracker, mark_failed
-        name = "it's mine"
-        folder = Path("runs") / name
-        folder.mkdir(parents=True)
-        (folder / "config.yaml").write_text("name: x\\n")
-        ours = Tracker(True, run_name=name, system_metrics=False)  # rank 0 of the run that will fail
-        ours.log_run_inputs([], {}, folder / "config.yaml", {})
-        client = MlflowClient()
-        other = client.create_run(ours.experiment_id, run_name=name).info.run_id  # another user's, running
-        print("RUNS", ours.run_id, other, mark_failed(folder, "a rank exited with code 1"), flush=True)
-        os._exit(0)  # rank 0 was ended by the launcher: no finish()
-    """
-    shutil.copy(mlflow_store_template(), tmp_path / "mlflow.db")  # migrated once a session
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0 and "RUNS " in out.stdout, out.stderr[-3000:]
-    ours, other, marked = out.stdout.split("RUNS ")[1].split()
-    assert marked == "True" and WARNING not in out.stderr, out.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.get_run(ours)
-    assert run.info.status == "FAILED" and run.data.tags["error"] == "a rank exited with code 1"
-    assert client.get_run(other).info.status == "RUNNING"
-    # a run folder with no id (the tracker never started) marks nothing
-    from pipeline.track import mark_failed
-    assert mark_failed(tmp_path / "runs" / "nothing", "x") is False
-
-
 def test_a_brief_outage_still_ends_the_run_and_the_summary_names_what_was_lost(tmp_path):
     """Issue 48: after the store's first failure the tracker dropped everything, `finish` included, so a
     brief outage left the run RUNNING forever. Replayed on a real store that fails for steps 2-3: the run
@@ -469,9 +420,3 @@ def test_a_brief_outage_still_ends_the_run_and_the_summary_names_what_was_lost(t
         else:  # 1 + 2 retries, then a line that says so
             assert run.info.status == "RUNNING" and tries == "3", out.stderr[-3000:]
             assert "stays RUNNING" in out.stderr
-
-
-def test_mshg_runs_without_a_store_says_so_and_creates_nothing(tmp_path, capsys):
-    db = tmp_path / "nothing.db"
-    assert mshg(["runs", "--tracking-uri", f"sqlite:///{db}"]) == 1
-    assert "no MLflow store at" in capsys.readouterr().out and not db.exists()

@@ -3,13 +3,13 @@ tracked in MLflow, then the run's partitioned checkpoint through `mshg export` a
 `mshg evaluate` and `mshg predict`, launched as two nodes over pdsh; batch math, DeepSpeed configs."""
 import json
 import re
-import time
+from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SAMPLE, tiny_config
-from tests.helpers import STAGES, assert_accumulated_steps, find_run
+from tests.helpers import STAGES, assert_accumulated_steps, find_run, no_rank_started
 
 def test_a_log_written_to_a_file_reads_cleanly(two_rank_run):
     """Output to a pipe (a SLURM file, `> log`): plain lines, no progress-bar frames, no third-party
@@ -117,11 +117,10 @@ def test_batch_plan_derives_accumulation_and_names_wrong_combinations():
         batch_plan(TrainConfig(micro_batch=8, global_batch=64, grad_accum=2), 2)
 
 
-def test_wrong_batch_is_an_error_before_the_launcher_starts(tmp_path, lspet_shards, capsys):
+def test_wrong_batch_is_an_error_before_the_launcher_starts(tmp_path, lspet_shards, capsys, monkeypatch):
     cfg = tiny_config(tmp_path, lspet_shards, train={"global_batch": 12})  # micro 4 x 2 ranks: 8 per pass
-    t0 = time.monotonic()
-    assert mshg(["train", "--ranks", "2", "--config", str(cfg)]) == 2
-    assert time.monotonic() - t0 < 5  # no rank was started
+    with no_rank_started(monkeypatch):
+        assert mshg(["train", "--ranks", "2", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "train.global_batch=12 cannot be split into train.micro_batch=4 x 2 rank(s)" in err
 
@@ -176,6 +175,67 @@ def test_step_schedule_warms_up_then_decays():
         opt.step()
         sched.step()
     assert lrs == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+
+
+def test_weight_decay_reaches_the_optimizer():
+    """train.weight_decay is what the optimizer (Adam or RMSprop, with or without aligned views) decays by."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.train import make_optimizer
+
+    for optimizer in ("adam", "rmsprop"):
+        cfg = load_config(REPO / "configs" / "msc_hg_cpu.yaml", [f"train.optimizer={optimizer}",
+                                                                 "train.weight_decay=0.05"])
+        for align in (False, True):
+            opt = make_optimizer(cfg, torch.nn.Linear(3, 2).parameters(), align_views=align)
+            assert [g["weight_decay"] for g in opt.param_groups] == [0.05] * len(opt.param_groups), optimizer
+    # and it decays: with a zero gradient, only the decay term moves a weight, towards 0
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = make_optimizer(load_config(REPO / "configs" / "msc_hg_cpu.yaml", ["train.weight_decay=0.05"]), [w])
+    w.grad = torch.zeros(1)
+    opt.step()
+    assert w.item() < 1.0
+
+
+def test_cosine_schedule_ends_at_cos_min_ratio_of_the_lr(monkeypatch):
+    """train.cos_min_ratio: the last rate of the cosine schedule is lr * cos_min_ratio, both in DeepSpeed's
+    WarmupCosineLR (a budget in steps; built here from the entry the trainer hands DeepSpeed) and in the
+    LambdaLR of a budget in minutes."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.schedule import deepspeed_scheduler, make_scheduler
+
+    overrides = ["train.lr_schedule=cosine", "train.lr=0.5", "train.warmup_steps=2", "train.cos_min_ratio=0.1",
+                 "stop.max_steps=10"]
+    cfg = load_config(REPO / "configs" / "msc_hg_cpu.yaml", overrides)
+    entry = deepspeed_scheduler(cfg)
+    assert entry["type"] == "WarmupCosineLR" and entry["params"]["cos_min_ratio"] == 0.1
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = WarmupCosineLR(opt, **entry["params"])
+    lrs = []
+    for _ in range(cfg.stop.max_steps):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[-1] == pytest.approx(0.05) and max(lrs) == pytest.approx(0.5)
+    # over a budget in minutes: the rate when the budget is spent
+    cfg = load_config(REPO / "configs" / "msc_hg_cpu.yaml", [*overrides, "stop.max_minutes=5"])
+    assert deepspeed_scheduler(cfg) is None
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    spent = [0.0]
+    sched = make_scheduler(cfg, opt, minutes=lambda: spent[0])
+    for _ in range(3):  # past the warm-up
+        opt.step()
+        sched.step()
+    spent[0] = 5.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
 def test_precision_auto_is_bf16_only_where_the_cpu_computes_it():
@@ -236,8 +296,39 @@ def test_slurm_rendezvous_port_is_the_job_scripts_rule(monkeypatch):
     fill_env_from_slurm()
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
     assert env["MASTER_PORT"] == str(slurm_master_port(123456)) == str(15000 + 123456 % 15000)
-    script = (REPO / "launch" / "slurm" / "common.sh").read_text()
-    assert "$((15000 + SLURM_JOB_ID % 15000))" in script
+    # and the script's rule, run: launch/slurm/common.sh with stand-ins for scontrol and srun on PATH
+    import subprocess
+
+    script = REPO / "launch" / "slurm" / "common.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = run_common_sh(script, srun_exit=0)
+    assert "SRUN MASTER_ADDR=node1 MASTER_PORT=" + str(slurm_master_port(123456)) in out, out
+    assert "ranks finished with exit code 0" in out and "SCONTROL requeue" not in out, out
+    out = run_common_sh(script, srun_exit=75)  # exit 75: the job requeues itself
+    assert "ranks finished with exit code 75" in out and "SCONTROL requeue 123456" in out, out
+
+
+def run_common_sh(script, srun_exit: int) -> str:
+    """common.sh as a 2-task job 123456 on node[1-2] runs it, with a stand-in srun (prints the rendezvous
+    it was given, exits `srun_exit`) and scontrol (the node names; records a requeue): its output."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bin_dir = Path(tmp)
+        (bin_dir / "scontrol").write_text('#!/bin/sh\nif [ "$1" = show ]; then printf "node1\\nnode2\\n"; '
+                                          'else echo "SCONTROL $*"; fi\n')
+        (bin_dir / "srun").write_text(f'#!/bin/sh\necho "SRUN MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"\n'
+                                      f'exit {srun_exit}\n')
+        for f in bin_dir.iterdir():
+            f.chmod(0o755)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "MSHG_"))}
+        env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="123456", SLURM_NTASKS="2",
+                   SLURM_JOB_NODELIST="node[1-2]", MSHG_ROOT=str(REPO))
+        proc = subprocess.run(["bash", str(script), "configs/lspet_cpu.yaml"], env=env, capture_output=True,
+                              text=True, timeout=60)
+    return proc.stdout + proc.stderr
 
 
 ALIGNMENT_PROBE = """

@@ -14,7 +14,8 @@ import argparse
 
 import numpy as np
 
-from pipeline.evaluate import LSP_TORSO, evaluate_photos
+from pipeline.evaluate import evaluate_photos
+from pipeline.metrics import LSP_TORSO
 from pipeline.weights import load_trained
 from shards.format import ShardSet
 
@@ -46,7 +47,7 @@ def main() -> None:
     model, cfg, _ = load_trained(args.checkpoint, "cpu")
     shards = ShardSet.open(args.shards)
     perm = shards.flip_permutation()
-    results = evaluate_photos(model, cfg, shards, args.photos == "boxes", perm if cfg.eval.flip else None)
+    results, _ = evaluate_photos(model, cfg, shards, args.photos == "boxes", perm if cfg.eval.flip else None)
     ids = sorted(results)
     out = bands(np.stack([results[i].pred for i in ids]), np.stack([results[i].gt for i in ids]), perm)
     weights = out["count"] / out["count"].sum()

@@ -17,7 +17,8 @@ import argparse
 import numpy as np
 import torch
 
-from pipeline.evaluate import LSP_TORSO, photo_samples
+from pipeline.evaluate import photo_samples
+from pipeline.metrics import LSP_TORSO
 from pipeline.inference import crop_to_original, decode_heatmaps, photo_heatmaps
 from pipeline.weights import load_trained
 from shards.format import ShardSet

@@ -25,7 +25,8 @@ import os
 import numpy as np
 import scipy.io
 
-from pipeline.evaluate import LSP_TORSO, evaluate_photos
+from pipeline.evaluate import evaluate_photos
+from pipeline.metrics import LSP_TORSO
 from pipeline.weights import load_trained
 from shards.datasets import _load_mat_joints
 from shards.format import ShardSet
@@ -95,7 +96,7 @@ def main() -> None:
     model, cfg, _ = load_trained(args.checkpoint, "cpu")
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=[1.0]))  # one scale: 8,000 photos
     shards = ShardSet.open(args.shards)
-    results = evaluate_photos(model, cfg, shards, True, shards.flip_permutation() if cfg.eval.flip else None)
+    results, _ = evaluate_photos(model, cfg, shards, True, shards.flip_permutation() if cfg.eval.flip else None)
     flagged, histogram = flagged_ids(results, shards.flip_pairs)
     scored = int(histogram.sum())
     print(f"{args.shards}: {len(results)} photographs, {scored} with a torso; swapped votes per person "
