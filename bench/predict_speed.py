@@ -32,10 +32,13 @@ VARIANTS = {  # name -> PhotoSearch (None: the photos' own boxes)
     "default (fast)": FAST,
     "default, 2 passes": dataclasses.replace(FAST, passes=2),
     "default, 1 pass": dataclasses.replace(FAST, passes=1),
-    "default, no windows": dataclasses.replace(FAST, windows=()),
+    "whole photo only (no windows)": dataclasses.replace(FAST, windows=()),
     "default, keep 3": dataclasses.replace(FAST, keep=3),
     "default, refined at eval.scales": dataclasses.replace(FAST, scales=None),
     "default, first pass flipped": dataclasses.replace(FAST, first_flip=True),
+    "default, refined without flip": dataclasses.replace(FAST, flip=False),
+    "whole photo only, refined without flip": dataclasses.replace(FAST, windows=(), flip=False),
+    "whole photo only, 2 passes": dataclasses.replace(FAST, windows=(), passes=2),
     "with each person's box": None,
 }
 

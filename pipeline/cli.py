@@ -340,11 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score `mshg predict` on the shards' photographs instead of the validation crops: with "
                         "each person's box (boxes) or without any (bare, as a user with a photo runs it)")
     p.add_argument("--passes", type=at_least_one, default=3,
-                   help="with --photos bare: the 3 surest of the whole photo and its windows, each refined (passes - 1) "
-                        "times on the box of the joints found; the surest refined crop wins (default 3)")
+                   help="with --photos bare: the whole photo's crop refined (passes - 1) times on the box of the joints "
+                        "found (default 3)")
     p.add_argument("--accurate", action="store_true",
-                   help="with --photos bare: every pass at the run's full test (its zooms and the flip test), as "
-                        "`mshg predict --accurate`")
+                   help="with --photos bare: search windows of the photo too and run every pass at the run's full "
+                        "test, as `mshg predict --accurate`")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="keypoints for photos, folders, globs and videos (the shipped model by default)",
@@ -363,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", default=None, help="JSON {image path: [x0, y0, w, h]}; images without one are searched")
     p.add_argument("--overlay", default=None, metavar="DIR", help="also draw each skeleton: DIR/<name>.jpg, a video DIR/<name>.mp4")
     p.add_argument("--accurate", action="store_true",
-                   help="photos without a box: every pass at the run's full test (its zooms and the flip test), 3 crops "
-                        "refined: ~10x slower, a few points more accurate (docs/results/predict_speed.md)")
+                   help="photos without a box: also search a grid of windows (for a person small in the photo), refine the "
+                        "3 surest crops and run every pass at the run's full test (its zooms and the flip test): ~30x "
+                        "slower; no more accurate on LSPET, whose persons fill the photo (docs/results/predict_speed.md)")
     p.add_argument("--passes", type=at_least_one, default=None,
                    help="photos without a box: refine the surest crops (passes - 1) times on the box of the joints "
                         "found (default: 3)")

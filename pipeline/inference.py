@@ -159,23 +159,27 @@ class PhotoSearch:
     are each refined (passes - 1) times: every later pass crops the confident joints' box grown by `grows`
     (pass 2 the first factor, later passes the last: x1.4 after the coarse first pass, which misses
     extremities, x1.0 once a framed crop found them). The answer is the refined crop the model is surest of.
-    Zooms (`first_scales`, `scales`; None: the run's eval.scales) and the flip test (`first_flip`; the
-    refinement passes flip unless --no-flip) each multiply that pass's cost. What each costs and gives:
+    Zooms (`first_scales`, `scales`; None: the run's eval.scales) and the flip test (`first_flip`, `flip`; none
+    with --no-flip) each multiply that pass's cost. What each costs and gives:
     bench/predict_speed.py, docs/results/predict_speed.md."""
-    windows: tuple[float, ...] = (0.6,)
+    windows: tuple[float, ...] = ()
     keep: int = 1
     passes: int = 3
     grows: tuple[float, ...] = (1.4, 1.0)
     first_scales: tuple[float, ...] | None = (1.0,)
     first_flip: bool = False
     scales: tuple[float, ...] | None = (1.0,)
+    flip: bool = True  # the refinement passes' flip test (with a flip permutation: not --no-flip)
 
     def with_passes(self, passes: int | None) -> "PhotoSearch":
         return self if passes is None else dataclasses.replace(self, passes=passes)
 
 
-FAST = PhotoSearch()  # `mshg predict`'s default for photos without a box
-ACCURATE = PhotoSearch(keep=3, first_scales=None, first_flip=True, scales=None)  # --accurate: every pass at full test
+# `mshg predict`'s default for a photo without a box: the whole photo at one scale, refined twice with the flip test
+FAST = PhotoSearch()
+# --accurate: windows of 0.6 of the photo too (a person small in the photo), the 3 surest crops refined, every pass
+# at the run's full test
+ACCURATE = PhotoSearch(windows=(0.6,), keep=3, first_scales=None, first_flip=True, scales=None)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -302,7 +306,7 @@ def predict_images(model, cfg, images: list[np.ndarray], boxes: list, flip_perm:
         if not tries:
             break
         found = predict_batch(model, cfg, [images[kept[n][0]] for n, _ in tries], [box for _, box in tries],
-                              flip_perm, search.scales)
+                              flip_perm if search.flip else None, search.scales)
         for (n, _), kp in zip(tries, found):
             kept[n] = (kept[n][0], kp)
     for i, kp in kept:

@@ -370,7 +370,7 @@ def test_bare_photo_passes_follow_the_box_rule(weights):
     flip = flip_permutation(len(meta["joints"]), meta["flip_pairs"])
     images = [inference.read_image(photo(i)) for i in (161, 162)]
     given = [10, 10, 100, 150]
-    search = dataclasses.replace(inference.FAST, keep=2, passes=3, grows=(1.6, 1.1))
+    search = dataclasses.replace(inference.FAST, windows=(0.6,), keep=2, passes=3, grows=(1.6, 1.1))
     got = inference.predict_images(model, cfg, images, [None, given], flip, search)
 
     def one(box, flip_perm, scales):
@@ -399,11 +399,11 @@ def test_bare_photo_passes_follow_the_box_rule(weights):
 
 def test_first_pass_windows_tile_the_photo():
     """Square windows of each share of the longer side, 3 x 3, from one corner to the other."""
-    from pipeline.inference import FAST, first_pass_boxes
+    from pipeline.inference import ACCURATE, first_pass_boxes
 
-    boxes = np.array(first_pass_boxes(np.zeros((200, 400, 3), np.uint8), FAST.windows))
-    assert len(boxes) == 1 + 9 * len(FAST.windows)
-    side = FAST.windows[0] * 400
+    boxes = np.array(first_pass_boxes(np.zeros((200, 400, 3), np.uint8), ACCURATE.windows))
+    assert len(boxes) == 1 + 9 * len(ACCURATE.windows)
+    side = ACCURATE.windows[0] * 400
     grid = boxes[1:10]
     assert np.allclose(grid[:, 2:], side)
     assert grid[:, 0].min() == pytest.approx(0) and (grid[:, 0] + side).max() == pytest.approx(400)
