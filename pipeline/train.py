@@ -298,14 +298,14 @@ class Trainer:
         seed_everything(cfg.data.seed + self.world.rank)
         self.folder = RunFolder(cfg.train.out_dir, distributed.broadcast_object(default_run_name(cfg), self.world),
                                 self.world.is_main)
-        if self.world.is_main:
-            self.folder.lock()  # a second run of this name fails here, naming the holder
         self.log = self.folder.log  # rank 0's line on stdout and in train.log
         self.signals = StopSignals(self.log)  # early: a signal during start-up is acted on after the first step
         self.checkpointer = Checkpointer(self.folder.path / "checkpoints", cfg.train.keep_checkpoints, self.world)
         resume_tag = self.checkpointer.resume_tag(cfg.train.resume)  # train.resume=never|require fail here
 
         self.train_shards, self.val_shards, self.extra_shards = open_shards(cfg)
+        if self.world.is_main:  # before anything is written: a second run of this name fails here, naming the holder
+            self.folder.lock()
         self.flip_perm = self.train_shards.flip_permutation()
         self.minutes = 0.0  # training minutes spent, as all ranks agreed at the last step (decide_stop)
         self.engine, self.scheduler = build_engine(cfg, self.world, self.train_shards.joints, lambda: self.minutes,
