@@ -22,6 +22,8 @@ refused (docs/cluster.md).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +43,7 @@ from pipeline.distributed import broadcast_object, gather_objects
 
 LATEST = "latest"
 PARTIAL = ".partial-"
+UNIVERSAL = ".universal-"  # a checkpoint converted for another number of ranks, while it loads
 META = "meta.json"
 SIGNATURE = "signature.json"
 
@@ -127,6 +131,10 @@ def check_signature(folder: Path, rank: int | None = None) -> None:
                           f"(or is missing, or empty): refusing to load it")
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -200,7 +208,7 @@ class Checkpointer:
         partial = PARTIAL + tag
         if self.world.is_main:  # leftovers of a crash, or of an earlier attempt at this very tag
             self.dir.mkdir(parents=True, exist_ok=True)
-            for old in self.dir.glob(PARTIAL + "*"):
+            for old in [*self.dir.glob(PARTIAL + "*"), *self.dir.glob(UNIVERSAL + "*")]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(self.world.size)
         try:
@@ -270,34 +278,76 @@ class Checkpointer:
                               f"pick another train.run_name, or resume with train.resume=auto")
         return tag
 
+    def written_by(self, tag: str) -> int | None:
+        """The number of ranks that wrote checkpoint `tag` (its meta.json), None when it does not say."""
+        meta = self.dir / tag / META
+        return json.loads(meta.read_text()).get("world_size") if meta.is_file() else None
+
     def load(self, engine, tag: str) -> dict:
         """Loads checkpoint `tag` into the engine, after checking its signature; returns the trainer's
         client_state. Every rank checks, with its own key, the files it unpickles (rank 0 all of them): a node
-        whose copy differs is caught too. A refusal on any rank stops every rank, before DeepSpeed loads."""
+        whose copy differs is caught too. A refusal on any rank stops every rank, before DeepSpeed loads.
+
+        Written by another number of ranks, a ZeRO checkpoint's optimizer state is partitioned for that
+        number: rank 0 converts it to DeepSpeed's universal checkpoint (one file per parameter and state,
+        `to_universal`), which the engine (built with `checkpoint.load_universal`, see `deepspeed_config`)
+        partitions for this run; the BatchNorm statistics, which the universal load leaves alone, come from
+        the tag's weights.safetensors."""
+        self.verify(tag, all_files=False)
+        elastic = (self.written_by(tag) or self.world.size) != self.world.size and engine.zero_optimization()
+        load_tag = self.to_universal(tag) if elastic else tag
+        try:
+            path, client_state = engine.load_checkpoint(str(self.dir), tag=load_tag)
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, AssertionError) as e:
+            raise ConfigError(f"{self.dir / tag}: DeepSpeed cannot load this checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        finally:
+            if elastic:
+                _barrier(self.world.size)
+                if self.world.is_main:
+                    shutil.rmtree(self.dir / load_tag, ignore_errors=True)
+        if path is None:
+            raise ConfigError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
+        if elastic:
+            restore_rmsprop_state(engine.optimizer.optimizer)
+            saved = self.load_tensors(tag, "weights")
+            for name, buffer in engine.module.named_buffers():
+                buffer.copy_(saved[name])
+            check_resharded(engine, saved, client_state["step"], f"{self.dir / tag}")
+        self.saved_step, self.last_saved = client_state["step"], self.dir / tag
+        return client_state
+
+    def verify(self, tag: str, all_files: bool) -> None:
+        """check_signature on every rank (each its own files, or with `all_files` every file); one rank's
+        refusal stops all of them, with its message."""
         verdict = None
         try:
-            check_signature(self.dir / tag, rank=None if self.world.is_main else self.world.rank)
+            check_signature(self.dir / tag, rank=None if all_files or self.world.is_main else self.world.rank)
         except ConfigError as e:
             verdict = str(e) if self.world.is_main else f"rank {self.world.rank}: {e}"
         verdict = next((v for v in gather_objects(verdict, self.world) if v), None)
         if verdict:
             raise ConfigError(verdict)
-        written_by = json.loads((self.dir / tag / META).read_text()).get("world_size") \
-            if (self.dir / tag / META).is_file() else None
-        if written_by is not None and written_by != self.world.size:  # DeepSpeed would raise deep in ZeRO's loader
-            raise ConfigError(f"{self.dir / tag}: written by {written_by} rank(s), but this run has {self.world.size}: "
-                              f"resuming on another number of ranks is not supported yet; resume with {written_by} "
-                              f"rank(s), or start a new run from its weights with "
-                              f"train.init_from={self.dir.parent}")
-        try:
-            path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
-            raise ConfigError(f"{self.dir / tag}: DeepSpeed cannot load this checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-        if path is None:
-            raise ConfigError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
-        self.saved_step, self.last_saved = client_state["step"], self.dir / tag
-        return client_state
+
+    def to_universal(self, tag: str) -> str:
+        """Rank 0 converts checkpoint `tag` (its signature checked) to DeepSpeed's universal format in
+        `.universal-<tag>/`, signs it and every rank checks that signature before DeepSpeed unpickles it.
+        Returns its tag; `load` removes it after loading."""
+        out, error = self.dir / (UNIVERSAL + tag), None
+        if self.world.is_main:
+            try:
+                convert_to_universal(self.dir / tag, out)
+                sign(out)
+            except Exception as e:  # noqa: BLE001 - whatever the converter raises, the resume stops with it in words
+                error = (f"{self.dir / tag}: written by {self.written_by(tag)} rank(s); converting it for "
+                         f"{self.world.size} with DeepSpeed's ds_to_universal failed ({type(e).__name__}: "
+                         f"{first_line(e)}): resume with {self.written_by(tag)} rank(s), or start a new run from its "
+                         f"weights with train.init_from={self.dir.parent}")
+        error = broadcast_object(error, self.world)
+        if error:
+            raise ConfigError(error)
+        self.verify(UNIVERSAL + tag, all_files=True)
+        return UNIVERSAL + tag
 
     def load_tensors(self, tag: str, name: str) -> dict | None:
         """<tag>/<name>.safetensors as a tensor dict, or None when the checkpoint has none."""
@@ -309,6 +359,81 @@ class Checkpointer:
         for old in tags[:-self.keep]:
             if old != keep_also:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+
+
+# DeepSpeed's ds_to_universal, and its ZeRO-3 loader, know Adam's moments by name only (exp_avg, exp_avg_sq):
+# RMSprop's one running average travels under Adam's second moment's name, and gets its own back once loaded
+RMSPROP_AS_ADAM = {"square_avg": "exp_avg_sq"}
+
+
+def convert_to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal from `checkpoint` (a tag folder, ZeRO 1/2/3) to `out`: one folder per
+    parameter holding its full fp32 value and optimizer state, which the engine partitions for any number
+    of ranks (`checkpoint.load_universal`). An RMSprop checkpoint is converted from a copy whose state is
+    renamed to Adam's names (RMSPROP_AS_ADAM; `restore_rmsprop_state` renames it back after the load)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as tmp:
+        source = checkpoint
+        optim_files = sorted(checkpoint.glob("*optim_states.pt"))
+        states = [torch.load(f, map_location="cpu", weights_only=False) for f in optim_files]
+        if any([_rename_state_keys(state, RMSPROP_AS_ADAM) for state in states]):  # every file: a list, not lazily
+            source = Path(tmp) / "renamed"
+            shutil.copytree(checkpoint, source, ignore=shutil.ignore_patterns("*optim_states.pt"))
+            for f, state in zip(optim_files, states):
+                torch.save(state, source / f.name)
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal.main(args)  # its progress bars and prints are not the run's log
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # the converter's; `latest` is the run's
+
+
+def restore_rmsprop_state(optimizer) -> None:
+    """After a universal load: RMSprop's running average back under its own name (RMSPROP_AS_ADAM), the
+    placeholder first moment dropped. Nothing to do for Adam."""
+    if isinstance(optimizer, torch.optim.RMSprop):
+        for state in optimizer.state.values():
+            for own, adams in RMSPROP_AS_ADAM.items():
+                if adams in state:
+                    state[own] = state.pop(adams)
+            state.pop("exp_avg", None)
+
+
+def _rename_state_keys(tree, names: dict[str, str]) -> bool:
+    """Renames, in place, the per-tensor state entries (dicts holding `names`' keys) anywhere in `tree`; each
+    renamed entry also gets Adam's first moment as a placeholder (the converter requires it; it is dropped
+    after). True when anything was renamed."""
+    found = False
+    if isinstance(tree, dict):
+        if any(k in tree for k in names):
+            for old, new in names.items():
+                tree[new] = tree.pop(old)
+            tree.setdefault("exp_avg", tree[next(iter(names.values()))])
+            return True
+        for value in tree.values():
+            found |= _rename_state_keys(value, names)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found |= _rename_state_keys(value, names)
+    return found
+
+
+def check_resharded(engine, saved: dict[str, torch.Tensor], step: int, where: str) -> None:
+    """After a load resharded for another number of ranks: the model equals the checkpoint's weights
+    (weights.safetensors; gathered under ZeRO-3) and the optimizer holds state at the checkpoint's step for
+    each of its tensors. A conversion that lost either is refused here, not noticed hours later as a run
+    that trains from a fresh optimizer."""
+    now = full_state_dict(engine.module, engine.zero_optimization_stage())
+    differ = [k for k in saved if k not in now or not torch.equal(now[k].to(saved[k].dtype), saved[k])]
+    states = list(engine.optimizer.optimizer.state.values())  # the torch optimizer inside ZeRO's
+    steps = sorted({int(s["step"]) for s in states if "step" in s})
+    if differ or not states or steps != [step]:
+        what = (f"{len(differ)} weight tensor(s) differ from its weights.safetensors ({', '.join(differ[:3])})"
+                if differ else f"the optimizer's state is at step(s) {steps or 'none'}, not {step}")
+        raise ConfigError(f"{where}: resharding for this number of ranks failed: {what}; resume with the number of "
+                          f"ranks that wrote it")
 
 
 def full_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:

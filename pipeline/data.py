@@ -300,12 +300,13 @@ class MixedBatches:
     def state_dict(self) -> dict:
         return {**self.streams[0].state_dict(), "sets": [s.state_dict() for s in self.streams]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Each set continues where it stood; returns the notes of the sets whose position was re-derived
+        (TrainBatches.load_state_dict), none for an exact resume."""
         sets = state.get("sets", [state])
         if len(sets) != len(self.streams):
             raise ValueError(f"the checkpoint mixes {len(sets)} dataset(s), the config {len(self.streams)}")
-        for s, st in zip(self.streams, sets):
-            s.load_state_dict(st)
+        return [note for s, st in zip(self.streams, sets) if (note := s.load_state_dict(st))]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -357,8 +358,20 @@ class TrainBatches:
         return loader
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "drawn": self.drawn}
+        return {"epoch": self.epoch, "position": self.position, "drawn": self.drawn, "batch_size": self.batch_size,
+                "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self.loader = state["epoch"], state["position"], None
-        self.drawn = state.get("drawn", 0)
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continues where `state` stood. Written with another batch size or number of ranks (an elastic
+        resume), the position is re-derived from the samples all ranks had drawn from the epoch: it then
+        names other samples than the uninterrupted run's (some seen twice, some skipped), which the returned
+        note says; None for an exact resume."""
+        self.epoch, self.position, self.drawn, self.loader = state["epoch"], state["position"], state.get("drawn", 0), None
+        batch, world = state.get("batch_size", self.batch_size), state.get("world_size", self.world_size)
+        if (batch, world) == (self.batch_size, self.world_size):
+            return None
+        seen = self.position * batch * world  # samples of this epoch all ranks drew
+        self.position = seen // (self.batch_size * self.world_size)
+        self.drawn = state.get("drawn", 0) * batch * world // (self.batch_size * self.world_size)
+        return (f"{self.shards.dataset} epoch {self.epoch}: {seen} samples drawn by {world} rank(s) x {batch} -> "
+                f"position {self.position} of {self.world_size} rank(s) x {self.batch_size}")

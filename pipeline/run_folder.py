@@ -43,6 +43,7 @@ class RunFolder:
     def __init__(self, out_dir: str | Path, run_name: str, is_main: bool = True):
         self.path = Path(out_dir) / run_name
         self.is_main = is_main
+        self.notes: list[str] = []  # lines the summary ends with (an elastic resume's)
         writable_dir(self.path, "train.out_dir")
 
     def lock(self) -> None:
@@ -96,7 +97,7 @@ class RunFolder:
         lines = [headline] if headline else []
         lines += [f"stopped at step {step} ({reason}) after {seconds:.0f} s of training",
                   f"checkpoint: {checkpoint}", f"weights:    {weights}", f"run dir:    {self.path}",
-                  f"MLflow run {run_id}; look at it with:", f"  {ui_command}"]
+                  f"MLflow run {run_id}; look at it with:", f"  {ui_command}", *self.notes]
         text = "\n".join(lines)
         (self.path / SUMMARY_FILE).write_text(text + "\n")
         return text

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.checkpoint import META, Checkpointer, full_state_dict
+from pipeline.checkpoint import META, Checkpointer, first_line, full_state_dict
 from pipeline.config import (Config, ConfigError, batch_plan, config_from_yaml, flatten, load_config, mix_sizes,
                              read_deepspeed_file, to_dict)
 from pipeline.ema import WeightAverage
@@ -69,9 +69,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     """DeepSpeed's JSON config, derived from ours (batch sizes from `batch_plan`, the one place of the
     batch rule), with the optional `train.deepspeed` file (e.g. configs/deepspeed/zero3.yaml) merged over.
+
+    `load_universal`: the run resumes a ZeRO checkpoint written by another number of ranks, converted to
+    DeepSpeed's universal checkpoint first (Checkpointer.load).
 
     Mixed precision is DeepSpeed's `torch_autocast`: convolutions run in bf16/fp16 while weights,
     gradients, optimizer state and BatchNorm statistics stay fp32 (DeepSpeed's `bf16` mode would cast
@@ -100,6 +103,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if t.deepspeed:
         ds = _merge(ds, read_deepspeed_file(t.deepspeed))
         ds["zero_optimization"]["stage"] = t.zero_stage  # load_config took it from the file already
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if t.precision in AUTOCAST:
         ds["torch_autocast"] = {**ds.get("torch_autocast", {}), "enabled": True,
                                 "dtype": "bfloat16" if t.precision == "bf16" else "float16"}
@@ -162,12 +167,12 @@ def seed_everything(seed: int) -> None:
 
 
 def check_exact_resume(state: dict, **now) -> None:
-    """A checkpoint resumes exactly only with the world size, micro-batch and data seed it was written
-    with: else the data position would mean other samples, so the resume is refused."""
+    """A resume continues the checkpoint's data order, which its data seed fixes: another seed is refused.
+    (Other ranks or micro-batch are an elastic resume: Trainer.elastic_resume.)"""
     changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
     if changed:
-        raise ConfigError(f"cannot resume exactly ({', '.join(changed)}): resume with the same ranks, "
-                          f"train.micro_batch and data.seed, or start a new run")
+        raise ConfigError(f"cannot resume with another data order ({', '.join(changed)}): resume with the run's "
+                          f"data.seed, or start a new run")
 
 
 # settings a resume cannot change: the optimizer's state and the schedule's base rates come from the checkpoint
@@ -207,7 +212,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def build_engine(cfg: Config, world: distributed.World, joints: list[str], minutes, align_views: bool | None = None,
-                 log=print):
+                 log=print, load_universal: bool = False):
     """The model (from train.init_from's weights when set), its optimizer and learning-rate schedule (over
     `minutes()` when the budget is in time), in DeepSpeed's engine; parameters 16-byte aligned on a GPU
     (`aligned_param_groups`) unless `align_views` says otherwise."""
@@ -224,8 +229,33 @@ def build_engine(cfg: Config, world: distributed.World, joints: list[str], minut
     device_rank = argparse.Namespace(device_rank=world.device.index) if world.device.type == "cuda" else None
     engine, _, _, scheduler = deepspeed.initialize(args=device_rank, model=model, optimizer=optimizer,
                                                    lr_scheduler=make_scheduler(cfg, optimizer, minutes),
-                                                   config=deepspeed_config(cfg, world.size))
+                                                   config=deepspeed_config(cfg, world.size, load_universal))
+    if cfg.train.compile:
+        compile_engine(engine, log)
     return engine, scheduler
+
+
+def compile_engine(engine, log=print) -> None:
+    """train.compile: torch.compile (inductor) of the model inside DeepSpeed's engine, in place.
+
+    DeepSpeed's `engine.compile()` runs nn.Module.compile on `engine.module`: the module and its state-dict keys
+    stay as they are, so checkpoints, exports and the weight average (a deepcopy drops the compiled call) are
+    unchanged. torch.compile(model) before deepspeed.initialize also trains, but hands ZeRO a wrapper whose
+    keys all start with `_orig_mod.`. Both checked on the CPU with ZeRO 1, 2 and 3: first losses as eager's.
+    Inductor's cache defaults to /tmp/torchinductor_USER, lost with the node; a folder that survives runs
+    turns the next run's minutes of compiling into seconds (TORCHINDUCTOR_CACHE_DIR, when set, wins)."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its default into the variable the first time it reads it (by now the trainer's start-up
+    # has): that value is not the user's choice
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "mshg" / "inductor")
+    cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    engine.compile()
+    log(f"train.compile: the model is compiled at its first step (minutes on a CPU, seconds with a warm cache); "
+        f"inductor cache {cache}")
 
 
 def training_batches(cfg: Config, train: ShardSet, extra: list[ShardSet], micro_batch: int, world: distributed.World,
@@ -308,8 +338,10 @@ class Trainer:
             self.folder.lock()
         self.flip_perm = self.train_shards.flip_permutation()
         self.minutes = 0.0  # training minutes spent, as all ranks agreed at the last step (decide_stop)
+        written_by = self.checkpointer.written_by(resume_tag) if resume_tag else None
         self.engine, self.scheduler = build_engine(cfg, self.world, self.train_shards.joints, lambda: self.minutes,
-                                                   log=self.log)
+                                                   log=self.log, load_universal=written_by not in (None, self.world.size)
+                                                   and cfg.train.zero_stage > 0)
         self.strides = self.engine.module.strides
         self.ema = WeightAverage(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.dali_device = distributed.device_index(self.world)
@@ -320,11 +352,16 @@ class Trainer:
         self.seconds_before = 0.0  # training seconds of earlier attempts of this run (resumed)
         self.t_start: float | None = None  # when this attempt's loop started
         self.meter = Meter()
+        self.elastic_resumes: list[str] = []  # one line per resume on other ranks or micro-batch: not bit-exact
         resumed = self.checkpointer.load(self.engine, resume_tag) if resume_tag else None
         if resumed:
             self.load_state_dict(resumed, resume_tag)  # a refused resume stops here, the run dir untouched
         self.tracker = open_tracking(cfg, self.folder, self.world, resumed, self.train_shards, self.extra_shards,
                                      self.val_shards)
+        self.folder.notes = [f"elastic resume at {line}" for line in self.elastic_resumes]
+        if resumed and self.elastic_resumes and self.elastic_resumes[-1].startswith(f"step {self.step}:"):
+            self.log(f"elastic resume at {self.elastic_resumes[-1]}")
+            self.tracker.set_tags({f"elastic_resume/step_{self.step}": self.elastic_resumes[-1]})
         self.validation = Validation(self.val_shards, cfg, max(32, self.micro_batch), self.world, self.dali_device,
                                      self.tracker, self.log) if self.val_shards else None
         for line in (self.world.device_note, precision_note):
@@ -339,13 +376,20 @@ class Trainer:
         """The trainer's part of a checkpoint (DeepSpeed adds weights, optimizer and scheduler). Called
         by every rank: the RNG states of all ranks are gathered, as DeepSpeed keeps rank 0's copy."""
         return {"step": self.step, **self.batches.state_dict(), "seconds": self.seconds(),
-                "world_size": self.world.size, "micro_batch": self.micro_batch,
+                "world_size": self.world.size, "micro_batch": self.micro_batch, "global_batch": self.global_batch,
+                "elastic_resumes": self.elastic_resumes,
                 "data_seed": self.cfg.data.seed, "stopper": self.stopper.state_dict(),
                 "train_manifest": manifest_digest(self.train_shards),
                 "mlflow_run_id": self.tracker.run_id, "rng": distributed.gather_objects(rng_state(), self.world)}
 
     def load_state_dict(self, state: dict, tag: str) -> None:
-        check_exact_resume(state, world_size=self.world.size, micro_batch=self.micro_batch, data_seed=self.cfg.data.seed)
+        """Continues the checkpoint's run: exactly with the ranks and micro-batch it was written with;
+        elastically with others (`elastic_resume`)."""
+        check_exact_resume(state, data_seed=self.cfg.data.seed)
+        elastic = (state["world_size"], state["micro_batch"]) != (self.world.size, self.micro_batch)
+        if elastic and "batch_size" not in state:
+            raise ConfigError(f"checkpoint {tag} predates elastic resume: resume it with {state['world_size']} "
+                              f"rank(s) and train.micro_batch={state['micro_batch']}")
         meta = json.loads((self.checkpointer.dir / tag / META).read_text())
         check_same_recipe(config_from_yaml(meta["config"], f"{tag}/{META}"), self.cfg, state.get("train_manifest"),
                           manifest_digest(self.train_shards))
@@ -356,11 +400,29 @@ class Trainer:
                                   f"average: resume with the run's own train.ema_decay, or start a new run")
             self.ema.load_state_dict(averaged)
         self.step = state["step"]
-        self.batches.load_state_dict(state)
+        data_notes = self.batches.load_state_dict(state)
         self.seconds_before = state.get("seconds", 0.0)
         self.minutes = self.seconds_before / 60
         self.stopper.load_state_dict(state["stopper"])
-        set_rng_state(state["rng"][self.world.rank])
+        self.elastic_resumes = list(state.get("elastic_resumes", []))
+        if elastic:
+            self.elastic_resume(state, tag, data_notes)
+        else:
+            set_rng_state(state["rng"][self.world.rank])
+
+    def elastic_resume(self, state: dict, tag: str, data_notes: list[str]) -> None:
+        """A resume on another number of ranks or micro-batch: the weights, optimizer state (resharded by
+        Checkpointer.load), schedule (from the global step), weight average and stop rule continue; the data
+        position is re-derived from the samples seen (data.TrainBatches.load_state_dict) and every rank's
+        RNG is seeded afresh, from the data seed, its rank and the step. So the run continues, but not as
+        the uninterrupted run would have: the line recorded says so (train.log, MLflow, summary.txt)."""
+        seed_everything(self.cfg.data.seed + self.world.rank + 7919 * self.step)
+        old = f"{state['world_size']} rank(s) x micro-batch {state['micro_batch']}"
+        self.elastic_resumes.append(
+            f"step {self.step}: checkpoint {tag} written by {old} (global batch {state.get('global_batch', '?')}), "
+            f"resumed on {self.world.size} rank(s) x micro-batch {self.micro_batch} (global batch {self.global_batch}); "
+            f"optimizer state resharded, schedule from step {self.step}, data position re-derived "
+            f"({'; '.join(data_notes) or 'unchanged'}): not bit-exact")
 
     def seconds(self) -> float:
         """Training seconds of this run so far, earlier attempts included."""
@@ -591,10 +653,6 @@ def record_failure(trainer: Trainer, error: BaseException) -> str:
     trainer.tracker.finish(status)
     last = trainer.checkpointer.latest_tag()
     return failure_message(error, trainer.step, trainer.checkpointer.dir / last if last else None)
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def failure_message(error: BaseException, step: int, last_checkpoint) -> str:

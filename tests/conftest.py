@@ -2,16 +2,13 @@
 untrained weights, one two-rank run; and the tiny config the training tests run."""
 from __future__ import annotations
 
-import atexit
-import functools
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main as mshg
-from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, SAMPLE, SHARED_DATA  # noqa: F401  (imported from here too)
+from tests.helpers import (LSP_JOINTS, LSP_PAIRS, REPO, SAMPLE, SHARED_DATA,  # noqa: F401  (imported from here too)
+                           mlflow_store, mlflow_store_template)
 
 
 # `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup), and each worker builds its own
@@ -181,18 +178,5 @@ def tiny_config(tmp: Path, shards: dict[str, Path], **sections) -> Path:
         cfg.setdefault(section, {}).update(values)
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    if not (tmp / "mlflow.db").exists():  # the test's store (tests/helpers.run_env), created once per session
-        shutil.copy(mlflow_store_template(), tmp / "mlflow.db")
+    mlflow_store(tmp)  # the test's store (tests/helpers.run_env), a copy of the one migrated once per session
     return path
-
-
-@functools.cache
-def mlflow_store_template() -> Path:
-    """An empty MLflow SQLite store, migrated once per session: each test's training starts from a copy
-    instead of running MLflow's schema migrations (seconds per store, ~30 stores) itself."""
-    from mlflow.tracking import MlflowClient
-
-    folder = Path(tempfile.mkdtemp(prefix="mshg-mlflow-store-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
-    return folder / "mlflow.db"

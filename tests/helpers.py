@@ -1,8 +1,10 @@
 """Plain helpers the test modules share (fixtures live in conftest.py): the environment and command of a
-training process, free ports, the MLflow run of a test's store."""
+training process (run to its end, or in the background), a Python snippet in a subprocess, free ports, a
+test's MLflow store, its runs by name and their metric histories, tar members rewritten."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -60,14 +62,22 @@ def train_cmd(cfg: Path, *overrides: str, ranks: int = 1) -> list[str]:
             "--config", str(cfg), *overrides]
 
 
-def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1, timeout: int = 600,
-          check: bool = True) -> subprocess.CompletedProcess:
-    """A training to its end, in `tmp`; with `check`, it must succeed (its output's tail says why not)."""
-    proc = subprocess.run(train_cmd(cfg, *overrides, ranks=ranks), cwd=tmp, env=run_env(tmp), capture_output=True,
-                          text=True, timeout=timeout)
+def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1, timeout: int = 600, check: bool = True,
+          merged: bool = False) -> subprocess.CompletedProcess:
+    """A training to its end, in `tmp`; with `check`, it must succeed (its output's tail says why not). With
+    `merged`, stderr goes into `stdout` in the order it was written (`stderr` is then None)."""
+    proc = subprocess.run(train_cmd(cfg, *overrides, ranks=ranks), cwd=tmp, env=run_env(tmp), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True, timeout=timeout)
     if check:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert proc.returncode == 0, proc.stdout[-4000:] + (proc.stderr or "")[-4000:]
     return proc
+
+
+def run_python(cwd: Path, code: str, *args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -c code args...` in `cwd`, in `env` (default: run_env(cwd), MLflow in `cwd`/mlflow.db), its
+    output captured as text; the caller checks its exit status."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=run_env(cwd) if env is None else env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 class Training:
@@ -116,7 +126,14 @@ class Training:
                 self._changed.wait(left)
 
     def wait(self, timeout: float = 120) -> int:
-        return self.proc.wait(timeout)
+        """The exit status, once the process has ended and its output is all in `lines`."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        code = self.proc.wait(timeout)
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended, max(deadline - time.monotonic(), 10))
+        return code
 
     def kill(self) -> None:
         self.proc.kill()
@@ -159,16 +176,50 @@ def reseal(shard_dir: Path, *tars: str) -> None:
     (shard_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-def find_run(tmp: Path | str, name: str):
-    """(client, the one MLflow run named `name`) of the store `tmp`/mlflow.db (or a tracking URI)."""
+@functools.cache
+def mlflow_store_template() -> Path:
+    """An empty MLflow SQLite store, migrated once per session: each test's store starts as a copy instead of
+    running MLflow's schema migrations (seconds per store, ~30 stores) itself."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mshg-mlflow-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    mlflow_client(folder).search_experiments()
+    return folder / "mlflow.db"
+
+
+def mlflow_store(tmp: Path) -> str:
+    """The test's store `tmp`/mlflow.db (what run_env points MLflow at), a copy of the migrated template
+    unless it is there already; returns its tracking URI."""
+    import shutil
+
+    if not (tmp / "mlflow.db").exists():
+        shutil.copy(mlflow_store_template(), tmp / "mlflow.db")
+    return f"sqlite:///{tmp}/mlflow.db"
+
+
+def mlflow_client(where: Path | str):
+    """An MlflowClient of the store `where`/mlflow.db (a test's folder) or of the tracking URI `where`."""
     from mlflow.tracking import MlflowClient
 
-    uri = str(tmp) if "://" in str(tmp) else f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=str(where) if "://" in str(where) else f"sqlite:///{where}/mlflow.db")
+
+
+def find_run(where: Path | str, name: str, why: str = "a resume must continue the same run"):
+    """(client, the one MLflow run named `name`) of experiment "mshg" in the store `where` (mlflow_client);
+    another count fails, saying `why` one was expected."""
+    client = mlflow_client(where)
     runs = client.search_runs([client.get_experiment_by_name("mshg").experiment_id],
                               filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}: a resume must continue the same run"
+    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}: {why}"
     return client, runs[0]
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value)] of metric `key` of the run, by step."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 def checkpoint_meta(tmp: Path, name: str) -> dict:

@@ -1,9 +1,6 @@
 """Evaluation: results mapped back and summarised into the shard set's metric (PCKh, COCO AP through the DALI
 validation crop), the photographs read from the tars, `mshg evaluate`'s checks; decoding, the flip test and the
 multi-scale test; the bench analyses. The pure metrics are tests/test_metrics.py."""
-import io
-import tarfile
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +12,7 @@ from pipeline.config import DataConfig
 from pipeline.evaluate import SampleResult, summarise
 from pipeline.metrics import headline, metric_for
 from pipeline.inference import crop_heatmaps, decode_heatmaps
+from tests.helpers import rewrite_tar, tar_members
 from tests.test_metrics import coco_shards  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
@@ -113,14 +111,8 @@ def test_photo_samples_decode_each_photo_and_name_the_tar_and_key_of_a_bad_one(t
     assert first.meta["idx"] == 161  # its JSON metadata, read with it: `summarise` needs no second pass
     # the same tar with one photo's bytes cut short: an error that says which tar and sample
     tar_path = shards.tars[0]
-    with tarfile.open(tar_path) as tar:
-        members = [(info, tar.extractfile(info).read()) for info in tar if info.isfile()]
-    bad_key = next(info.name.partition(".")[0] for info, _ in members if info.name.endswith(".jpg"))
-    with tarfile.open(tar_path, "w") as tar:
-        for info, data in members:
-            data = data[:20] if info.name == f"{bad_key}.jpg" else data
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    bad_key = next(info.name.partition(".")[0] for info, _ in tar_members(tar_path) if info.name.endswith(".jpg"))
+    rewrite_tar(tar_path, lambda name, data: data[:20] if name == f"{bad_key}.jpg" else data)
     with pytest.raises(ValueError, match=f"{tar_path}: sample {bad_key}: cannot decode this image"):
         list(photo_samples(shards))
 
@@ -214,8 +206,15 @@ def test_multi_scale_test_maps_each_zoom_back_onto_the_crop():
     assert (decode_heatmaps(wrong, 4)[0, 0, :2] - torch.tensor([70.0, 30.0])).abs().max() > 5
 
 
-def test_eval_scales_are_checked_and_cli_flags_override_them(capsys):
+def test_eval_scales_are_checked_and_cli_flags_override_them(weights, tmp_path, capsys, monkeypatch):
+    """eval.scales is checked as a key=value override and as `mshg evaluate --scales`; the flag replaces the
+    run's eval.scales ([1.0] here) for the evaluation: the crops reach the model at each zoom it names, the
+    printed settings name them, and the keypoints and the metric are the multi-scale test's, not one scale's."""
+    import json
+
+    from pipeline import evaluate
     from pipeline.config import ConfigError, load_config
+    from tests.conftest import shard_sample
 
     assert load_config(None, ["eval.scales=[0.9,1,1.15]"]).eval.scales == [0.9, 1.0, 1.15]
     for bad in ("[]", "[0]", "[1,8]"):
@@ -224,6 +223,33 @@ def test_eval_scales_are_checked_and_cli_flags_override_them(capsys):
     with pytest.raises(SystemExit):
         mshg(["evaluate", "--checkpoint", "x", "--shards", "y", "--scales", "0.9,big"])
     assert "expected zoom factors such as 0.9,1,1.15; got '0.9,big'" in capsys.readouterr().err
+
+    root = shard_sample(tmp_path / "val", 161, 164)
+    calls = []  # (the scales the crops were predicted at, the keypoints) of each batch
+    real = evaluate.predict_crops
+
+    def recording(*args, **kwargs):
+        pred = real(*args, **kwargs)
+        calls.append((list(args[5] if len(args) > 5 else kwargs.get("scales", [1.0])), pred))
+        return pred
+
+    monkeypatch.setattr(evaluate, "predict_crops", recording)
+    runs = {}
+    for scales, shown in ((None, "one scale"), ("0.8,1,1.25", "zooms 0.8, 1, 1.25")):
+        calls.clear()
+        out = tmp_path / "metrics.json"
+        assert mshg(["evaluate", "--checkpoint", str(weights), "--shards", str(root), "--no-flip", "--out", str(out),
+                     *(["--scales", scales] if scales else [])]) == 0
+        assert f"(the validation crops; flip test off, {shown}, " in capsys.readouterr().out
+        assert calls and all(s == ([1.0] if scales is None else [0.8, 1.0, 1.25]) for s, _ in calls), calls
+        runs[scales] = torch.cat([pred for _, pred in calls]), json.loads(out.read_text())
+    (one, one_metrics), (multi, multi_metrics) = runs.values()
+    assert one.shape == multi.shape == (4, 14, 3)
+    assert (multi[..., :2] - one[..., :2]).abs().max() > 0.1  # other heatmaps: other keypoints
+    assert multi_metrics["per_joint"] != one_metrics["per_joint"] or multi_metrics["value"] != one_metrics["value"]
+    # the flag goes through the config's check, as the key=value override does
+    assert mshg(["evaluate", "--checkpoint", str(weights), "--shards", str(root), "--scales", "0.1"]) == 2
+    assert "eval.scales must list one or more zoom factors" in capsys.readouterr().err
 
 
 def test_coco_ap_through_the_dali_validation_crop(coco_shards):

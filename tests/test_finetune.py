@@ -8,7 +8,7 @@ from pipeline.config import load_config
 from pipeline.model import build_model
 from pipeline.weights import DEFAULT_MODEL, init_from, save_weights, shipped_models
 from shards.datasets import COCO_JOINTS, MPII_JOINTS
-from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, find_run, train
+from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, find_run, metric_history, train
 
 TINY = ["name=tiny", "model.channels=16", "data.input_size=64"]
 
@@ -74,7 +74,7 @@ def test_weights_sharing_no_joint_name_are_refused(lsp_weights):
 def first_loss(tmp_path, name: str) -> float:
     """The run's loss at step 1 (train.log_every=1), as MLflow has it: the forward of the initial weights."""
     client, run = find_run(tmp_path, name)
-    return next(m.value for m in client.get_metric_history(run.info.run_id, "loss/total") if m.step == 1)
+    return next(value for step, value in metric_history(client, run.info.run_id, "loss/total") if step == 1)
 
 
 def test_fine_tuning_from_the_shipped_model_starts_far_below_a_fresh_model(lspet_shards, mpii_shards, tmp_path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SAMPLE, tiny_config
-from tests.helpers import assert_accumulated_steps, find_run, no_rank_started, run_env, train
+from tests.helpers import assert_accumulated_steps, find_run, no_rank_started, run_env, run_python, train
 
 
 # --- gradient accumulation (2 ranks: the shared run, tests/test_train.py) ------------------------------
@@ -49,8 +49,7 @@ def test_accumulation_2x4_equals_micro_batch_8(lspet_shards, tmp_path):
     cfg = tiny_config(tmp_path, lspet_shards, train={"precision": "fp32"},
                       data={"scale_range": [1.0, 1.0], "rotation_prob": 0.0, "flip_prob": 0.0, "color_jitter": 0.0,
                             "shuffle_buffer": 1})
-    proc = subprocess.run([sys.executable, "-c", ACCUMULATION_PROBE, str(cfg)], cwd=tmp_path, env=run_env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_python(tmp_path, ACCUMULATION_PROBE, str(cfg), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     one, two = result["one"], result["two"]

@@ -2,7 +2,6 @@
 through pycocotools on the real COCO mini sample; the metric classes: which one a shard set gets, their names,
 labels, tracked parts and text."""
 import io
-import tarfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +13,7 @@ from pipeline.metrics import (METRICS, PCK, TRACKED_NAMES, CocoAP, PCKh, coco_ke
 from shards.datasets import LSP_JOINTS, MPII_JOINTS
 from shards.format import ShardSet, read_metadata
 from tests.conftest import SHARED_DATA
+from tests.helpers import tar_members
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
@@ -32,13 +32,8 @@ def coco_shards(tmp_path_factory):
 
 
 def shard_truth(shards):
-    truth = {}
-    for tar in shards.tars:
-        with tarfile.open(tar) as t:
-            for m in t:
-                if m.name.endswith(".kp.npy"):
-                    truth[m.name.split(".")[0]] = np.load(io.BytesIO(t.extractfile(m).read()))
-    return truth
+    return {info.name.split(".")[0]: np.load(io.BytesIO(data))
+            for tar in shards.tars for info, data in tar_members(tar) if info.name.endswith(".kp.npy")}
 
 
 def test_pck_hand_computed():

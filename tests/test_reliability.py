@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 from pipeline.cli import main as mshg
 from tests.conftest import REPO, SAMPLE, tiny_config
 from tests import helpers
-from tests.helpers import run_env
 
 
 def train(tmp: Path, cfg: Path, *overrides: str, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -216,8 +214,8 @@ def test_refused_resume_changes_nothing_of_the_run(finished_run, tmp_path):
     saved = (run_dir / "config.yaml").read_text()
     # every file but the run's lock (.lock names its holder, the refused attempt while it ran)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != ".lock")
-    proc = train(tmp_path, cfg, "train.micro_batch=2", "stop.max_steps=3")  # another batch: refused
-    assert proc.returncode == 2 and "cannot resume exactly" in proc.stderr
+    proc = train(tmp_path, cfg, "data.seed=5", "stop.max_steps=3")  # another data order: refused
+    assert proc.returncode == 2 and "cannot resume with another data order (data_seed" in proc.stderr, proc.stderr[-2000:]
     assert (run_dir / "config.yaml").read_text() == saved
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != ".lock") == before
 
@@ -380,8 +378,7 @@ def test_runs_against_an_unreachable_server_is_quick_and_one_line(tmp_path):
              f"code = main(['runs', '--tracking-uri', 'http://127.0.0.1:{port}'])\n"
              "print(f'ELAPSED {time.monotonic() - t0:.1f}', flush=True)\n"
              "sys.exit(code)\n")
-    proc = subprocess.run([sys.executable, "-c", timed], cwd=tmp_path, env=run_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = helpers.run_python(tmp_path, timed, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
     assert float(proc.stdout.split("ELAPSED ")[1]) < 30, proc.stdout
     assert "cannot read runs from http://127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr

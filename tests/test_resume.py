@@ -12,20 +12,16 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config, two_rank_config
 from tests import helpers
-from tests.helpers import find_run, run_env
+from tests.helpers import Training, find_run, metric_history
 
 N = 9  # steps of the reference run
 EXIT_REQUEUE = 75
@@ -37,27 +33,15 @@ def config(tmp: Path, shards, **train) -> Path:
     return tiny_config(tmp, shards, train={"micro_batch": 8, "run_name": "r", **train}, stop={"max_steps": N})
 
 
-def train(tmp: Path, cfg: Path, *overrides: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), *overrides]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=run_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
+def train(tmp: Path, cfg: Path, *overrides: str) -> tuple[int, str]:
+    """(exit status, stdout and stderr as written) of a training to its end (helpers.train, unchecked)."""
+    proc = helpers.train(tmp, cfg, *overrides, check=False, merged=True)
+    return proc.returncode, proc.stdout
 
 
 def history(tmp: Path, name: str = "r") -> tuple[dict[str, list], object]:
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-    runs = client.search_runs(client.get_experiment_by_name("mshg").experiment_id,
-                              filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}: a resume must continue the same run"
-    run = runs[0]
-    curves = {}
-    for key in METRICS:
-        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-        curves[key] = [(m.step, m.value) for m in points]
-    return curves, run
+    client, run = find_run(tmp, name)
+    return {key: metric_history(client, run.info.run_id, key) for key in METRICS}, run
 
 
 def weights(tmp: Path, name: str = "r") -> dict[str, torch.Tensor]:
@@ -73,22 +57,20 @@ def max_difference(a: dict, b: dict) -> float:
 def reference(lspet_shards, tmp_path_factory):
     """The uninterrupted run, started in the background (the tests run their own processes beside it)."""
     tmp = tmp_path_factory.mktemp("reference")
-    MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db").search_experiments()  # create the store first
-    proc = train(tmp, config(tmp, lspet_shards), wait=False)
+    training = Training(tmp, config(tmp, lspet_shards))  # config() creates the store first
     result = {}
 
     def get():
         if not result:
-            out, _ = proc.communicate(timeout=600)
-            assert proc.returncode == 0, out[-4000:]
+            assert training.wait(600) == 0, training.output[-4000:]
             curves, run = history(tmp)
             assert [s for s, _ in curves["loss/total"]] == list(range(1, N + 1))
             result.update(curves=curves, weights=weights(tmp), run=run)
         return result
 
     yield get
-    if proc.poll() is None:
-        proc.kill()
+    if training.proc.poll() is None:
+        training.kill()
 
 
 def assert_same_as_reference(tmp: Path, ref: dict) -> float:
@@ -113,21 +95,10 @@ def test_signal_and_resumes_around_an_epoch_end_match_the_uninterrupted_run(lspe
     3. to 7 (epoch 1's first batch, nothing to skip); 4. a new run under the name is refused
        (train.resume=never); 5. train.resume=require to the end, skipping the 1 batch of epoch 1 already
        trained on."""
-    cfg = config(tmp_path, lspet_shards)
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
-    proc = train(tmp_path, cfg, wait=False)
-    lines: list[str] = []
-    step1 = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"step +1 epoch 0", line):
-                step1.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert step1.wait(300), "".join(lines)[-4000:]
+    cfg = config(tmp_path, lspet_shards)  # and the store
+    training = Training(tmp_path, cfg)
+    training.wait_for(r"step +1 epoch 0")
+    proc = training.proc
     proc.send_signal(signal.SIGUSR1)
     extra = 0
     while proc.poll() is None:
@@ -137,9 +108,8 @@ def test_signal_and_resumes_around_an_epoch_end_match_the_uninterrupted_run(lspe
             extra += 1
         except ProcessLookupError:
             break
-    proc.wait(60)
-    reader.join(10)
-    out = "".join(lines)
+    training.wait(60)
+    out = training.output
     assert proc.returncode == EXIT_REQUEUE, out[-4000:]
     assert extra > 0
     k = int((tmp_path / "runs" / "r" / "checkpoints" / "latest").read_text()[4:])
@@ -169,8 +139,7 @@ def test_zero1_stopped_and_resumed_trains_what_zero2_trains(lspet_shards, tmp_pa
     ZeRO-2's per-bucket reductions, docs/results/throughput.md). The stage must change the speed only: stopped at
     step 4 (inside epoch 0) and resumed to the end, ZeRO-1 equals the uninterrupted ZeRO-2 reference in
     MLflow value for value and in its final weights bit for bit."""
-    cfg = config(tmp_path, lspet_shards, zero_stage=1)
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
+    cfg = config(tmp_path, lspet_shards, zero_stage=1)  # and the store
     code, out = train(tmp_path, cfg, "stop.max_steps=4")
     assert code == 0, out[-4000:]
     code, out = train(tmp_path, cfg)
@@ -187,8 +156,7 @@ def test_two_rank_resume_at_an_epoch_end_is_exact(two_rank_run, lspet_shards, mp
     but the name, launched as two nodes over pdsh), loss for loss."""
     whole_dir, _ = two_rank_run
     client, run = find_run(whole_dir, "ddp")
-    whole = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
-                                                key=lambda m: m.step)]
+    whole = metric_history(client, run.info.run_id, "loss/total")
     cfg = two_rank_config(tmp_path, lspet_shards, mpii_shards, "split")
     first = helpers.train(tmp_path, cfg, "stop.max_epochs=1", ranks=2)
     k = int(re.search(r"stopping at step (\d+): max_epochs", first.stdout).group(1))
@@ -196,8 +164,7 @@ def test_two_rank_resume_at_an_epoch_end_is_exact(two_rank_run, lspet_shards, mp
     proc = helpers.train(tmp_path, cfg, ranks=2)
     assert f"resumed at step {k}" in proc.stdout
     client, run = find_run(tmp_path, "split")
-    split = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"),
-                                                key=lambda m: m.step)]
+    split = metric_history(client, run.info.run_id, "loss/total")
     assert [s for s, _ in whole] == list(range(1, 7))
     assert split == whole
 
@@ -208,7 +175,8 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_usable(lspet_shards, t
     and only the last 2 checkpoints are kept."""
     cfg = config(tmp_path, lspet_shards, checkpoint_every=1, keep_checkpoints=2)
     ckpts = tmp_path / "runs" / "r" / "checkpoints"
-    proc = train(tmp_path, cfg, "stop.max_steps=200", wait=False)
+    training = Training(tmp_path, cfg, "stop.max_steps=200")
+    proc = training.proc
     deadline = time.monotonic() + 300
     partial = None
     try:
@@ -220,8 +188,7 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_usable(lspet_shards, t
                 time.sleep(0.002)
         proc.kill()
     finally:
-        proc.kill()
-        proc.communicate(timeout=60)
+        training.kill()
     assert partial, "never saw a checkpoint being written"
     latest = (ckpts / "latest").read_text()
     assert (ckpts / latest / "meta.json").is_file() and list((ckpts / latest).glob("*model_states.pt"))

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.run_folder import LOCK_FILE, RunFolder
 from tests.conftest import tiny_config
-from tests.helpers import REPO, run_env, train, train_cmd
+from tests.helpers import REPO, Training, train
 
 
 @pytest.mark.quick
@@ -40,21 +40,16 @@ def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_the_holder_di
 def test_a_second_training_of_the_same_name_fails_at_once_and_leaves_the_first_alone(tmp_path, lspet_shards):
     config = tiny_config(tmp_path, lspet_shards, train={"run_name": "twice", "log_every": 1},
                          stop={"max_steps": 100000})
-    first = subprocess.Popen(train_cmd(config), cwd=tmp_path, env=run_env(tmp_path), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = Training(tmp_path, config)
     try:
+        first.wait_for(timeout=180)  # step 1: the first run holds its folder
         log = tmp_path / "runs" / "twice" / "train.log"
-        deadline = time.monotonic() + 180
-        while not (log.is_file() and " step " in log.read_text()):
-            assert first.poll() is None and time.monotonic() < deadline, "the first run did not reach a step"
-            time.sleep(1)
         t0 = time.monotonic()
         second = train(tmp_path, config, check=False, timeout=120)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-        assert f"in use by another run (pid {first.pid} on " in second.stderr
+        assert f"in use by another run (pid {first.proc.pid} on " in second.stderr
         assert time.monotonic() - t0 < 60  # before DeepSpeed, DALI and MLflow start work
-        assert first.poll() is None  # the first run trains on
+        assert first.proc.poll() is None  # the first run trains on
         assert "in use" not in log.read_text()
     finally:
         first.kill()
-        first.wait(timeout=30)

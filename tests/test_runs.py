@@ -1,15 +1,9 @@
 """The read side of MLflow (pipeline/runs.py): `mshg runs` on the tracked run of a real server, without a
 store; `mark_failed` marking exactly its own run; propose-stop's curves and `--compare` on a local store."""
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main as mshg
-from tests.conftest import REPO, mlflow_store_template
+from tests.helpers import mlflow_client, mlflow_store, run_python
 
 WARNING = "UserWarning: MLflow "  # the tracker's one warning (MLflow's own logger may add lines)
 
@@ -49,14 +43,12 @@ def test_mark_failed_marks_only_its_own_run_by_id(tmp_path):
         print("RUNS", ours.run_id, other, mark_failed(folder, "a rank exited with code 1"), flush=True)
         os._exit(0)  # rank 0 was ended by the launcher: no finish()
     """
-    shutil.copy(mlflow_store_template(), tmp_path / "mlflow.db")  # migrated once a session
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    mlflow_store(tmp_path)  # migrated once a session
+    out = run_python(tmp_path, code)
     assert out.returncode == 0 and "RUNS " in out.stdout, out.stderr[-3000:]
     ours, other, marked = out.stdout.split("RUNS ")[1].split()
     assert marked == "True" and WARNING not in out.stderr, out.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(tmp_path)
     run = client.get_run(ours)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "a rank exited with code 1"
     assert client.get_run(other).info.status == "RUNNING"
@@ -76,9 +68,8 @@ def test_propose_stop_reads_the_validation_curve_by_the_metrics_tracked_names(tm
     track.py kept its own list before), whichever the run's dataset had; `--compare` puts the runs side by side."""
     from pipeline.runs import compare_runs, run_curves
 
-    shutil.copy(mlflow_store_template(), tmp_path / "mlflow.db")  # migrated once a session
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
+    uri = mlflow_store(tmp_path)  # migrated once a session
+    client = mlflow_client(uri)
     experiment = client.create_experiment("mshg")
     for name, metric in (("lsp", "pck"), ("crowd", "coco/AP"), ("untested", None)):
         run_id = client.create_run(experiment, run_name=name).info.run_id

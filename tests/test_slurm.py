@@ -254,10 +254,10 @@ def real_job(tmp_path: Path, lspet_shards) -> tuple[Path, dict[str, str]]:
 
 
 def mlflow_history(cwd: Path, run_name: str, key: str = "loss/total"):
-    from tests.helpers import find_run
+    from tests.helpers import find_run, metric_history
 
     client, run = find_run(cwd, run_name)
-    return run, sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+    return run, [step for step, _ in metric_history(client, run.info.run_id, key)]
 
 
 def job_log(cwd: Path, job: str) -> str:

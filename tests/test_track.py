@@ -4,21 +4,18 @@ read back with MlflowClient; a run whose server is killed half-way; the default 
 import io
 import json
 import os
-import shutil
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.cli import main as mshg
-from tests.conftest import REPO, mlflow_store_template, tiny_config
-from tests.helpers import LSP_JOINTS, STAGES, free_port, server_env, train_cmd
+from tests.conftest import REPO, tiny_config
+from tests.helpers import (LSP_JOINTS, STAGES, Training, free_port, metric_history, mlflow_client, mlflow_store,
+                           run_env, run_python, server_env)
 from tests.mlflow_server import MlflowServer
 
 WARNING = "UserWarning: MLflow "  # the tracker's one warning (MLflow's own logger may add lines)
@@ -122,25 +119,22 @@ def test_training_survives_the_server_going_away(lspet_shards, tmp_path):
     try:
         cfg = tiny_config(tmp_path, lspet_shards, train={"run_name": "orphan", "eval_every": 3},
                           stop={"max_steps": 8})
-        proc = subprocess.Popen(train_cmd(cfg), cwd=tmp_path, env=server_env(doomed.uri), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        stderr = []
-        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-        lines, killed_at = [], None
-        for line in proc.stdout:
-            lines.append(line)
-            if killed_at is None and " step     1 " in line:
-                doomed.stop()
-                killed_at = time.monotonic()
-        proc.wait(timeout=300)
+        training = Training(tmp_path, cfg, env=server_env(doomed.uri))  # stdout and stderr in one
+        try:
+            training.wait_for()  # step 1
+            doomed.stop()
+            killed_at = time.monotonic()
+            code = training.wait(300)
+        finally:
+            if training.proc.poll() is None:
+                training.kill()
     finally:
         doomed.stop()
-    stdout, err = "".join(lines), "".join(stderr)
-    assert killed_at is not None, stdout[-2000:] + err[-2000:]
-    assert proc.returncode == 0, stdout[-3000:] + err[-3000:]
-    assert "stopping at step 8: max_steps" in stdout  # the steps after the kill were trained
+    out = training.output
+    assert code == 0, out[-3000:]
+    assert "stopping at step 8: max_steps" in out  # the steps after the kill were trained
     assert (tmp_path / "runs" / "orphan" / "model.safetensors").is_file()
-    assert err.count(WARNING) == 1, err[-3000:]
+    assert out.count(WARNING) == 1, out[-3000:]
     assert time.monotonic() - killed_at < 90
 
 
@@ -165,16 +159,13 @@ def test_resume_after_a_crash_keeps_one_value_per_step(tmp_path):
             t.log_metrics({"loss/total": 100.0 + step, "lr": 0.1}, step)
         t.finish()
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    out = subprocess.run([sys.executable, "-c", first], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(tmp_path, first)
     assert out.returncode == 1 and "RUN " in out.stdout, out.stderr[-3000:]
     run_id = out.stdout.split("RUN ")[1].split()[0]
-    out = subprocess.run([sys.executable, "-c", second, run_id], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = run_python(tmp_path, second, run_id)
     assert out.returncode == 0, out.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss/total"))
+    client = mlflow_client(tmp_path)
+    history = metric_history(client, run_id, "loss/total")
     assert history == [(s, float(s)) for s in range(1, 11)] + [(11, 111.0), (12, 112.0)]
     assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == list(range(1, 13))
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -200,13 +191,11 @@ def test_a_run_whose_experiment_another_run_just_created_lands_in_it(tmp_path):
         t.finish()
         print("RUN", t.run_id, other, len(calls))
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(tmp_path, code)
     assert out.returncode == 0 and "RUN " in out.stdout, out.stderr[-3000:]
     run_id, other, lookups = out.stdout.split("RUN ")[1].split()
     assert int(lookups) >= 2  # the race was replayed: the create failed and MLflow looked the name up again
-    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    run = mlflow_client(tmp_path).get_run(run_id)
     assert run.info.experiment_id == other and run.info.run_name == "second"
 
 
@@ -240,14 +229,12 @@ def test_two_runs_logging_the_same_dataset_at_once_both_link_it(lspet_shards, tm
         second.finish()
         print("RUNS", first, second.run_id, len(calls))
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(tmp_path, code)
     assert out.returncode == 0 and "RUNS " in out.stdout, out.stderr[-3000:]
     assert WARNING not in out.stderr, out.stderr[-3000:]
     first, second, calls = out.stdout.split("RUNS ")[1].split()
     assert int(calls) == 3  # the second run's failed insert, the first run's, the second run's retry
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(tmp_path)
     runs = [client.get_run(r) for r in (first, second)]
     assert [[d.dataset.digest for d in r.inputs.dataset_inputs] for r in runs] == [[runs[0].inputs.dataset_inputs[0].dataset.digest]] * 2
     assert [m.value for m in client.get_metric_history(second, "loss/stage_1")] == [1.0]
@@ -277,14 +264,12 @@ def test_two_runs_tagging_a_new_experiment_at_once_both_start(tmp_path):
         run.finish()
         print("RUN", run.run_id, len(calls))
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(tmp_path, code)
     assert out.returncode == 0 and "RUN " in out.stdout, out.stderr[-3000:]
     assert WARNING not in out.stderr, out.stderr[-3000:]
     run_id, calls = out.stdout.split("RUN ")[1].split()
     assert run_id != "None" and int(calls) == 2  # the failed insert and the retry
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(tmp_path)
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert [m.value for m in client.get_metric_history(run_id, "loss/stage_1")] == [1.0]
@@ -304,21 +289,19 @@ def test_default_local_store_and_no_server_at_start(tmp_path):
         t.finish()
         print("RUN", t.run_id, t.tracking_uri)
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    env = run_env(tmp_path)
+    del env["MLFLOW_TRACKING_URI"]
+    out = run_python(tmp_path, code, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "mlflow.db").is_file()
     run_id = out.stdout.split("RUN ")[1].split()[0]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(tmp_path)
     assert [m.value for m in client.get_metric_history(run_id, "loss/stage_1")] == [1.0, 0.8]
     assert {"predictions/x.png", "plots/stage_losses.png"} <= set(artifact_paths(client, run_id))
 
     env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(tmp_path, code, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count(WARNING) == 1 and "RUN None" in out.stdout
     assert time.monotonic() - t0 < 60
@@ -343,9 +326,8 @@ def test_a_token_in_the_tracking_uri_is_never_shown(tmp_path, capsys):
         print(folder.write_summary(None, "ckpt", None, "max_steps", 1, t.run_id, t.ui_command(), 1.0))
         t.finish()
     """
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    env = run_env(tracking_uri=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    out = run_python(tmp_path, code, env=env)
     assert out.returncode == 0 and WARNING in out.stderr, out.stderr[-3000:]
     summary = (tmp_path / "runs" / "secret" / "summary.txt").read_text()
     assert "s3cr3t" not in out.stdout + out.stderr + summary, out.stdout + out.stderr
@@ -356,8 +338,7 @@ def test_a_token_in_the_tracking_uri_is_never_shown(tmp_path, capsys):
     # a server that answers: MLflow's own "View run ... at: URL" line on end_run would carry the token
     with MlflowServer(tmp_path / "server") as server:
         live = server.uri.replace("http://", "http://alice:s3cr3t@")
-        out = subprocess.run([sys.executable, "-c", code.replace('"secret"', '"live"')], cwd=tmp_path,
-                             env=dict(env, MLFLOW_TRACKING_URI=live), capture_output=True, text=True, timeout=120)
+        out = run_python(tmp_path, code.replace('"secret"', '"live"'), env=dict(env, MLFLOW_TRACKING_URI=live))
         assert out.returncode == 0 and WARNING not in out.stderr, out.stderr[-3000:]
         assert "s3cr3t" not in out.stdout + out.stderr + (tmp_path / "runs" / "live" / "summary.txt").read_text()
         assert mshg(["runs", "--tracking-uri", live]) == 0
@@ -404,12 +385,9 @@ def test_a_brief_outage_still_ends_the_run_and_the_summary_names_what_was_lost(t
         t.finish()
         print("RUN", t.run_id, calls.count("update_run_info"))
     """
-    shutil.copy(mlflow_store_template(), tmp_path / "mlflow.db")  # migrated once a session
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(mlflow_store(tmp_path))  # migrated once a session
     for case in ("back", "still-down"):
-        out = subprocess.run([sys.executable, "-c", code, case], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120)
+        out = run_python(tmp_path, code, case)
         assert out.returncode == 0 and "RUN " in out.stdout, out.stderr[-3000:]
         run_id, tries = out.stdout.split("RUN ")[1].split()
         ui = out.stdout.split("UI ")[1].splitlines()[0]

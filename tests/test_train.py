@@ -349,13 +349,9 @@ def test_zero_hands_back_every_parameter_16_byte_aligned(tmp_path):
     14-float bias used to shift every parameter after it off 16-byte alignment, and CUDA kernels fault on
     that ("misaligned address" in the first step on an H200, docs/gpu.md). The flattening is the same on
     the CPU, so it is checked here: odd-sized parameters exist, the parameters are views, none is misaligned."""
-    import subprocess
-    import sys
+    from tests.helpers import run_python
 
-    from tests.helpers import run_env
-
-    proc = subprocess.run([sys.executable, "-c", ALIGNMENT_PROBE, str(REPO / "configs" / "lspet_cpu.yaml")],
-                          cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = run_python(tmp_path, ALIGNMENT_PROBE, str(REPO / "configs" / "lspet_cpu.yaml"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     total, odd_sized, misaligned, views = map(int, proc.stdout.split()[-4:])
     assert odd_sized == 8 and views >= total - odd_sized, (total, odd_sized, views)

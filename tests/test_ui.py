@@ -8,7 +8,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from mlflow.tracking import MlflowClient
+
+from tests.helpers import mlflow_client
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -20,7 +21,7 @@ def test_browser_compares_two_runs_with_stage_losses_and_datasets(mlflow_server,
     from playwright.sync_api import expect, sync_playwright
 
     server, tmp = mlflow_server, tmp_path
-    client = MlflowClient(tracking_uri=server.uri)
+    client = mlflow_client(server.uri)
     experiment = client.get_experiment_by_name("mshg")
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
     shot = tmp / "mlflow-compare.png"
