@@ -116,6 +116,10 @@ class TrainConfig:
     # them emulates bf16 ~10x slower than fp32 (docs/results/throughput.md)
     precision: str = "auto"
     channels_last: bool = True  # NHWC activations: what oneDNN (CPU) and cuDNN tensor cores run fastest
+    # torch.compile (inductor) of the model in the engine (train.compile_engine): fused kernels for the many small
+    # BatchNorm/ReLU/add ops. The first step compiles: minutes on a CPU (C++ builds), seconds with the cache
+    # warm (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/mshg/inductor). Needs a C++ compiler on the machine
+    compile: bool = False
     # heatmap pixels near a joint weigh 1 + loss_fg_weight times the background in the loss (targets.py); 0: plain MSE
     loss_fg_weight: float = 0.0
     # the pixels near a joint's left/right twin weigh 1 + loss_twin_weight in that joint's heatmap loss: a left knee
