@@ -48,6 +48,8 @@ test: setup
 	code=$$?; echo "make test: $$(( $$(date +%s) - start )) s of pytest"; exit $$code
 
 # The first ten minutes on a GPU node: PASS/FAIL per stage of the GPU path (exits 0 without a GPU).
+# ARGS=--perf: the speed run instead, planned to fit 8 minutes: the model alone lever by lever (bench/gpu_levers.py),
+# then the real training path against it (docs/gpu.md, "Next loan: what to run").
 gpu-smoke: setup
 	$(BIN)/python bench/gpu_smoke.py $(ARGS)
 

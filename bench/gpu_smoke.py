@@ -1,9 +1,11 @@
 """`make gpu-smoke`: the first ten minutes on a GPU node verify the GPU path end to end.
 
     python bench/gpu_smoke.py [--steps 40] [--keep DIR]
+    python bench/gpu_smoke.py --perf [--levers-budget 240] [--levers a,b] [key=value ...]   # the speed run, ~8 min
 
 One PASS/FAIL line per stage, then a summary table. Stages:
   model     the full-size model alone on GPU 0 (random input): images/s and FLOP utilisation, the ceiling
+            (bench/gpu_levers.py's eager row; with --perf its whole lever table, within --levers-budget s)
   versions  torch / CUDA / NCCL / DALI / DeepSpeed and the visible GPUs (refuses a CPU build of torch)
   shards    the embedded LSPET sample -> shards (train 1-160, val 161-200)
   dali      one validation batch through DALI on the GPU and on the CPU: images on the GPU, uint8, shape;
@@ -16,8 +18,12 @@ One PASS/FAIL line per stage, then a summary table. Stages:
             naming its GPU
   accum     accumulation 2 on 2 GPUs: trainer step == DeepSpeed's global_steps (meta.json)
   export    `mshg export` (safetensors + ONNX) and `mshg predict` on the GPU
+--perf runs versions, the lever table plus an "as trained" row (the model alone with the train stage's
+settings), shards (the 160 training photos repeated, so that the timed steps stay inside one epoch), loader
+and one training run (no validation, no resume), and prints the real path's images/s against the as-trained
+row (target >= 0.9x); key=value overrides apply to that run and row (e.g. train.compile=true).
 Without a GPU it says so and exits 0; the CPU-runnable parts of these checks are ordinary tests
-(tests/test_loop.py, tests/test_data.py, tests/test_train.py).
+(tests/test_loop.py, tests/test_data.py, tests/test_train.py, tests/test_gpu_smoke.py).
 """
 from __future__ import annotations
 
@@ -35,9 +41,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name
-BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "GH200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125,
-                    "B200": 2250, "RTX 4090": 165, "RTX 6000 Ada": 364}
+from bench.gpu_levers import LEVERS, Lever, mfu, peak_tflops, run_levers  # noqa: E402
+
+CONFIG = REPO / "configs" / "lspet_gpu.yaml"
+MFU_TARGET = 15.0  # % of the bf16 peak, the model alone (issue: 4.5 % on 2026-12-04)
+REAL_TARGET = 0.9  # the real training path's images/s against the model alone with the same settings
 results: list[tuple[str, bool, str]] = []
 
 
@@ -64,45 +72,44 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 def flop_utilisation(forward_flops: float, images_per_s: float, gpu_name: str) -> str:
     """Training FLOPs (forward x 3: forward + backward) per second against the GPU's dense bf16 peak."""
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu_name), None)
-    if not peak:
-        return "peak unknown"
-    return f"{100 * 3 * forward_flops * images_per_s / (peak * 1e12):.1f} % of {peak} TFLOP/s bf16"
+    peak = peak_tflops(gpu_name)
+    return f"{mfu(forward_flops, images_per_s, peak):.1f} % of {peak} TFLOP/s bf16" if peak else "peak unknown"
 
 
-def model_speed(batch: int = 32) -> None:
-    """The model alone (random input, bf16 autocast, channels-last off): forward + backward + Adam. The
-    ceiling the training path's images/s is measured against."""
+def as_trained(cfg) -> Lever:
+    """The model alone with the settings the train stage runs: its micro-batch, precision, layout and
+    train.compile, cuDNN's benchmark mode (the trainer turns it on) and the config's optimizer."""
+    t = cfg.train
+    return Lever("as trained", f"the train stage's settings ({t.precision}, "
+                               f"{'NHWC' if t.channels_last else 'NCHW'}, compile {'on' if t.compile else 'off'})",
+                 batch=t.micro_batch, bf16=t.precision == "bf16", channels_last=t.channels_last,
+                 cudnn_benchmark=True, compile="default" if t.compile else "")
+
+
+def model_speed(levers: list[Lever], budget_s: float) -> dict:
+    """The model alone (random input) lever by lever (bench/gpu_levers.py): {lever name: row}. Eager is the
+    ceiling the training path was measured against before; the best row is what the levers reach."""
     import torch
 
     from pipeline.config import load_config
-    from pipeline.model import build_model, count_flops
 
-    cfg = load_config(REPO / "configs" / "lspet_gpu.yaml")
-    model = build_model(cfg.model, 14, cfg.data.input_size)
-    flops = count_flops(model, cfg.data.input_size)
-    model = model.cuda()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device="cuda")
-    times = []
-    for i in range(25):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = sum(h.float().square().mean() for h in model(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    rate = batch / (sum(times[5:]) / len(times[5:]))
-    mfu = flop_utilisation(flops, rate, torch.cuda.get_device_name(0))
-    stage("model", True, f"{cfg.name} alone, batch {batch} at {cfg.data.input_size}: {rate:,.0f} img/s, "
-                         f"{flops / 1e9:.1f} GFLOPs/img forward, MFU {mfu}, peak memory "
-                         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    del model, opt, x
+    cfg = load_config(CONFIG)
+    rows = run_levers(cfg, levers, torch.device("cuda"), budget_s=budget_s, print_fn=lambda line: print("  " + line))
+    ran = [r for r in rows if r.images_per_s]
+    failed = [r.lever.name for r in rows if r.note.startswith("FAILED")]
+    best = max(ran, key=lambda r: r.images_per_s, default=None)  # the same FLOPs per image: MFU follows img/s
+    if best is None:
+        stage("model", False, f"no lever ran ({', '.join(r.note for r in rows)})")
+        return {}
+    eager = next((r for r in ran if r.lever.name == "eager"), best)
+    stage("model", not failed, f"{cfg.name} alone at {cfg.data.input_size}: eager batch {eager.batch} "
+                               f"{eager.images_per_s:,.0f} img/s, MFU {eager.mfu or 0:.1f} %; best: {best.lever.name}, "
+                               f"{best.images_per_s:,.0f} img/s, MFU {best.mfu or 0:.1f} % (target >= {MFU_TARGET:.0f} %: "
+                               f"{'met' if (best.mfu or 0) >= MFU_TARGET else 'NOT met'}), {best.memory_gib or 0:.1f} GiB"
+                               + (f"; failed: {', '.join(failed)}" if failed else ""))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    return {r.lever.name: r for r in rows}
 
 
 def versions() -> int:
@@ -189,13 +196,16 @@ def metric(tmp: Path, run_name: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
-def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
+def train_and_resume(tmp: Path, gpus: int, steps: int, overrides: list[str] = (), resume: bool = True,
+                     model_alone=None) -> None:
+    """configs/lspet_gpu.yaml for `steps` steps (then resumed for 10 more), `overrides` last; `model_alone`: the
+    lever row with the same settings, which the real path's images/s per GPU is compared with."""
     import torch
 
     from pipeline.config import load_config
     from pipeline.model import build_model, count_flops
 
-    common = ["--config", str(REPO / "configs" / "lspet_gpu.yaml"), f"data.train_shards={tmp}/train",
+    common = ["--config", str(CONFIG), f"data.train_shards={tmp}/train",
               f"data.val_shards={tmp}/val", "train.run_name=smoke", f"train.checkpoint_every={steps}",
               f"train.eval_every={steps}", "train.log_every=5",
               # a step of micro_batch x GPUs, as before the config fixed its global batch (128: 8 accumulation
@@ -203,16 +213,16 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
               "train.global_batch=0",
               # the MLflow model (torch.export of the full-size model on the CPU) took over 5 minutes at a
               # run's end on an H200 node's torch 2.11 (docs/gpu.md): the export stage checks ONNX export
-              "train.log_model=false"]
+              "train.log_model=false", *overrides]
     first = run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(gpus), *common,
                  f"stop.max_steps={steps}"], tmp)
     second = run([sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(gpus), *common,
-                  f"stop.max_steps={steps + 10}"], tmp)
+                  f"stop.max_steps={steps + 10}"], tmp) if resume else first
     out = first.stdout + first.stderr
     ranks = sorted(set(re.findall(r"rank (\d+) \(local \d+\): (cuda:\d+ [^\n]+)", out)))
     for rank, gpu in ranks:
         print(f"  rank {rank}: {gpu}")
-    ok = first.returncode == 0 and second.returncode == 0 and f"resumed at step {steps}" in second.stdout
+    ok = first.returncode == 0 and second.returncode == 0 and (not resume or f"resumed at step {steps}" in second.stdout)
     if not ok:
         print((out + second.stdout + second.stderr)[-5000:])
         stage("train", False, f"exit codes {first.returncode}, {second.returncode}")
@@ -220,13 +230,19 @@ def train_and_resume(tmp: Path, gpus: int, steps: int) -> None:
     rate = metric(tmp, "smoke", "images_per_s")[-3:]
     wait = metric(tmp, "smoke", "data_wait_fraction")[-3:]
     memory = metric(tmp, "smoke", "peak_memory_gb")
-    cfg = load_config(REPO / "configs" / "lspet_gpu.yaml")
+    cfg = load_config(CONFIG, overrides)
     flops = count_flops(build_model(cfg.model, 14, cfg.data.input_size), cfg.data.input_size)
     per_gpu = sum(rate) / len(rate) / gpus
-    mfu = flop_utilisation(flops, per_gpu, torch.cuda.get_device_name(0))
-    stage("train", len(ranks) == gpus, f"{gpus} rank(s), {per_gpu:.0f} img/s per GPU, data wait "
-                                       f"{100 * sum(wait) / len(wait):.0f} %, MFU {mfu}, peak memory "
-                                       f"{max(memory):.1f} GiB (rank 0); resumed at step {steps}")
+    utilisation = flop_utilisation(flops, per_gpu, torch.cuda.get_device_name(0))
+    against = ""
+    if model_alone is not None and model_alone.images_per_s:
+        ratio = per_gpu / model_alone.images_per_s
+        against = (f"; real / model alone as trained ({model_alone.images_per_s:.0f} img/s): {ratio:.2f}x (target >= "
+                   f"{REAL_TARGET}x: {'met' if ratio >= REAL_TARGET else 'NOT met'})")
+    stage("train", len(ranks) == gpus, f"{gpus} rank(s), micro-batch {cfg.train.micro_batch}, {per_gpu:.0f} img/s per "
+                                       f"GPU, data wait {100 * sum(wait) / len(wait):.0f} %, MFU {utilisation}, peak "
+                                       f"memory {max(memory):.1f} GiB (rank 0)"
+                                       + (f"; resumed at step {steps}" if resume else "") + against)
     # host-side phase times: on a GPU kernels run asynchronously, so a phase's time lands where the host waits
     phases = {k: metric(tmp, "smoke", f"time_fraction/{k}")[-3:] for k in ("data", "targets", "forward", "backward",
                                                                            "step", "ema", "other")}
@@ -259,18 +275,51 @@ def export_and_predict(tmp: Path) -> None:
         print((a.stderr + b.stderr)[-3000:])
 
 
-def main() -> int:
+def repeated_sample(root: Path, copies: int) -> Path:
+    """An LSPET-style folder with the sample's 160 training photographs `copies` times over (links) and their
+    joints tiled: a training set whose epoch outlasts the timed steps. (Each epoch builds a new DALI pipeline,
+    ~3 s on the H200: the loader stage's "rebuild", which a 160-image epoch would pay every few steps.)"""
+    import numpy as np
+    import scipy.io
+
+    sample = REPO / "shards" / "sample" / "lspet"
+    joints = scipy.io.loadmat(sample / "joints.mat")["joints"][..., :160]  # 14 x 3 x N
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for k in range(160 * copies):
+        link = root / "images" / f"im{k + 1:05d}.jpg"
+        if not link.is_symlink():
+            link.symlink_to(sample / "images" / f"im{k % 160 + 1:05d}.jpg")
+    scipy.io.savemat(root / "joints.mat", {"joints": np.tile(joints, copies)})
+    return root
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
-    args = p.parse_args()
+    p.add_argument("--perf", action="store_true", help="the speed run: lever table, loader, one training run")
+    p.add_argument("--levers-budget", type=float, default=240, help="with --perf: seconds after which no lever starts")
+    p.add_argument("--levers", default=",".join(lever.name for lever in LEVERS[1:]),
+                   help="with --perf: the lever rows after eager and as trained, comma-separated ('' for none)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/lspet_gpu.yaml for the train stage")
+    args = p.parse_args(argv)
     if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode:
-        print("gpu-smoke: no NVIDIA GPU on this machine (no working nvidia-smi): nothing to check here. "
+        print("gpu-smoke: no GPU on this machine (no working nvidia-smi): nothing to check or measure here. "
               "The CPU-runnable parts are in `make test`.")
         return 0
+    from pipeline.config import load_config
+
+    cfg = load_config(CONFIG, args.overrides)  # the train stage's settings, also those of the as-trained row
+    if args.perf:
+        print(f"gpu-smoke --perf plan: lever table <= {args.levers_budget:.0f} s (a compile that starts within it "
+              f"may run past it), shards and loader ~1 min, one training run of {args.steps} steps ~2-3 min: about "
+              f"{args.levers_budget / 60 + 4:.0f} minutes (the loan's target: under 8)", flush=True)
     gpus = versions()
+    alone = {}
     try:
-        model_speed()
+        chosen = [lever for lever in LEVERS[1:] if lever.name in args.levers.split(",")]
+        alone = model_speed([LEVERS[0], as_trained(cfg), *chosen] if args.perf else LEVERS[:1],
+                            args.levers_budget if args.perf else 600)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         stage("model", False, f"{type(e).__name__}: {e}")
@@ -279,16 +328,30 @@ def main() -> int:
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="gpu-smoke-"))
     tmp.mkdir(parents=True, exist_ok=True)
     sample = REPO / "shards" / "sample" / "lspet"
-    a = run([sys.executable, "-m", "pipeline.cli", "shard", "lspet", "--root", str(sample), "--out", str(tmp / "train"),
-             "--range", "1:160", "--overwrite", "--quiet"], tmp)
-    b = run([sys.executable, "-m", "pipeline.cli", "shard", "lspet", "--root", str(sample), "--out", str(tmp / "val"),
-             "--range", "161:200", "--overwrite", "--quiet"], tmp)
-    if not stage("shards", a.returncode == b.returncode == 0, f"{tmp}/train (160), {tmp}/val (40)"):
-        return 1
-    checks = {"dali": lambda: dali_gpu_vs_cpu(tmp / "val"), "loader": lambda: loader_speed(tmp / "train"),
-              "train": lambda: train_and_resume(tmp, gpus, args.steps),
-              "accum": lambda: accumulation(tmp) if gpus >= 2 else stage("accum", True, "skipped: needs 2 GPUs"),
-              "export": lambda: export_and_predict(tmp)}
+    if args.perf:
+        # every rank's epoch longer than the run: (steps + 5) micro-batches of each GPU
+        copies = -(-(args.steps + 5) * cfg.train.micro_batch * gpus // 160)
+        a = run([sys.executable, "-m", "pipeline.cli", "shard", "lspet", "--root",
+                 str(repeated_sample(tmp / "repeated", copies)), "--out", str(tmp / "train"), "--range",
+                 f"1:{160 * copies}", "--workers", str(min(8, os.cpu_count() or 1)), "--overwrite", "--quiet"], tmp)
+        if not stage("shards", a.returncode == 0, f"{tmp}/train: the 160 training photos x {copies}"):
+            print(a.stdout[-2000:] + a.stderr[-2000:])
+            return 1
+        checks = {"loader": lambda: loader_speed(tmp / "train"),
+                  "train": lambda: train_and_resume(tmp, gpus, args.steps, ["data.val_shards=", "train.eval_every=0",
+                                                                          "train.checkpoint_every=0", *args.overrides],
+                                                    resume=False, model_alone=alone.get("as trained"))}
+    else:
+        a = run([sys.executable, "-m", "pipeline.cli", "shard", "lspet", "--root", str(sample), "--out",
+                 str(tmp / "train"), "--range", "1:160", "--overwrite", "--quiet"], tmp)
+        b = run([sys.executable, "-m", "pipeline.cli", "shard", "lspet", "--root", str(sample), "--out", str(tmp / "val"),
+                 "--range", "161:200", "--overwrite", "--quiet"], tmp)
+        if not stage("shards", a.returncode == b.returncode == 0, f"{tmp}/train (160), {tmp}/val (40)"):
+            return 1
+        checks = {"dali": lambda: dali_gpu_vs_cpu(tmp / "val"), "loader": lambda: loader_speed(tmp / "train"),
+                  "train": lambda: train_and_resume(tmp, gpus, args.steps, args.overrides),
+                  "accum": lambda: accumulation(tmp) if gpus >= 2 else stage("accum", True, "skipped: needs 2 GPUs"),
+                  "export": lambda: export_and_predict(tmp)}
     for name, check in checks.items():
         try:
             check()

@@ -15,8 +15,8 @@ from tests.helpers import find_run, metric_history, run_env, train, train_cmd
 
 def test_a_compiled_training_finishes_and_its_first_loss_is_eagers(tmp_path, lspet_shards):
     # one hourglass module instead of the tiny model's 8: inductor builds each fused kernel with g++, ~3 s
-    # apiece on 2 cores; cold, the 8-module model took ~10 minutes to compile here, this one ~2 minutes,
-    # and ~10 s once the kernels are in the cache (~/.cache/mshg/inductor, kept between runs)
+    # apiece on 2 cores. Cold, the 8-module model took ~10 minutes to compile on a busy machine here, this
+    # one 2-4; with its kernels in the cache (~/.cache/mshg/inductor, kept between runs) tens of seconds
     cfg = tiny_config(tmp_path, lspet_shards, model={"stages": [[4, 1]]}, stop={"max_steps": 3})
     train(tmp_path, cfg, "train.run_name=eager")
     # TORCH_LOGS=dynamo: dynamo names each function it traces, the proof that the compiled path ran
