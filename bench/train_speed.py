@@ -4,6 +4,7 @@
     python bench/train_speed.py --stacked [--reference DIR]      # issue 11's rows: stacked_hg8 / msc_hg at 256
     python bench/train_speed.py --precision-check                 # bf16 against fp32, first 50 steps
     python bench/train_speed.py --zero-stages --ranks 2 --rounds 2 --real-steps 300   # row (c) at ZeRO-2/1/0
+    python bench/train_speed.py --real-levers --ranks 2 --rounds 2 [--compile]      # row (c) with each lever
 
 Rows on the recipe's model, batch and precision (`train.precision` as the trainer resolves it), with
 every core of the machine:
@@ -289,14 +290,22 @@ def timed_rows(rows: dict, rounds: int, seconds: float, times: dict | None = Non
     return times
 
 
-def real_path(config: str, ranks: int, steps: int, shards: str, *overrides: str) -> tuple[float, dict, float]:
-    """(images/s, {phase: fraction of the wall time}, rank 0's peak memory GiB) of `mshg train --ranks N`."""
+def real_path(config: str, ranks: int, steps: int, shards: str, *overrides: str, env_extra: dict | None = None,
+              bind_cores: bool = False) -> tuple[float, dict, float]:
+    """(images/s, {phase: fraction of the wall time}, rank 0's peak memory GiB) of `mshg train --ranks N`;
+    `env_extra` joins its environment (an LD_PRELOAD allocator); `bind_cores` starts the ranks with DeepSpeed's
+    launcher itself, `--bind_cores_to_rank` (numactl pins each rank to its share of the cores)."""
     from mlflow.tracking import MlflowClient
 
     tmp = Path(tempfile.mkdtemp(prefix="train-speed-"))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", PYTHONPATH=str(REPO),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(ranks), "--master-port", "29677",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env_extra or {}))
+    start = [sys.executable, "-m", "pipeline.cli", "train", "--ranks", str(ranks), "--master-port", "29677"]
+    if bind_cores:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        start = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--bind_cores_to_rank",
+                 "--master_port", "29677", "--module", "pipeline.train"]
+    cmd = [*start,
            "--config", str(REPO / config), "train.run_name=speed", f"train.out_dir={tmp}/runs", f"stop.max_steps={steps}",
            "stop.max_minutes=0", "stop.expected_loss=0", "train.eval_every=0", "train.checkpoint_every=0",
            "data.val_shards=", f"data.train_shards={shards}", "train.log_every=5", "train.log_model=false", *overrides]
@@ -445,12 +454,16 @@ def main() -> None:
     p.add_argument("--reference", default=None, help="with --stacked: a checkout of princeton-vl/pytorch_stacked_hourglass")
     p.add_argument("--zero-stages", action="store_true",
                    help="only row (c) at ZeRO-2, 1 and 0, interleaved over --rounds, against ZeRO-2")
+    p.add_argument("--real-levers", action="store_true",
+                   help="only row (c) with each lever (allocators, pinned ranks; --compile) against itself plain")
     p.add_argument("--precision-check", action="store_true",
                    help="only the bf16-against-fp32 loss check of the first 50 steps (2 ranks, real shards)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe config")
     args = p.parse_args()
-    if args.compile and not args.levers:
-        p.error("--compile adds a row to --levers: give both")
+    if args.compile and not (args.levers or args.real_levers):
+        p.error("--compile adds a row to --levers or --real-levers: give one of them")
+    if args.real_levers:
+        return real_levers_main(args)
     if args.precision_check:
         return precision_check({"train": args.shards})
     if args.stacked:
@@ -458,6 +471,39 @@ def main() -> None:
     if args.zero_stages:
         return zero_stages_main(args)
     return recipe_main(args)
+
+
+ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",  # Debian's libjemalloc2
+              "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}  # libtcmalloc-minimal4
+
+
+def real_levers_main(args) -> None:
+    """Row (c), the real `mshg train --ranks N` path, with one lever each, in turns over --rounds (the machine
+    drifts over minutes): glibc's allocator (baseline) against jemalloc and tcmalloc (LD_PRELOAD), each rank
+    pinned to its cores (DeepSpeed's --bind_cores_to_rank), and with --compile train.compile=true (its first
+    round compiles cold; the steady rate leaves the compile out)."""
+    rows = {"baseline": {}, **{name: {"env_extra": {"LD_PRELOAD": lib}} for name, lib in ALLOCATORS.items()
+                                  if Path(lib).is_file()},
+            "pinned": {"bind_cores": True}}
+    if args.compile:
+        rows["compile"] = {"overrides": ["train.compile=true"]}
+    rates, shares = {k: [] for k in rows}, {}
+    for k in range(args.rounds):
+        for name, row in rows.items():
+            rate, shares[name], _ = real_path(args.config, args.ranks, args.real_steps, args.shards, *args.overrides,
+                                              *row.get("overrides", []), env_extra=row.get("env_extra"),
+                                              bind_cores=row.get("bind_cores", False))
+            rates[name].append(rate)
+            print(f"round {k + 1}, {name}: {rate:.1f} images/s", flush=True)
+    base = statistics.mean(rates["baseline"])
+    print(f"\n{args.config}, --ranks {args.ranks}, {args.real_steps} steps a run, {args.rounds} round(s)\n"
+          "| lever | images/s (each round) | mean | vs baseline | data | forward | backward | step |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name in rows:
+        mean = statistics.mean(rates[name])
+        print(f"| {name} | {' / '.join(f'{r:.1f}' for r in rates[name])} | {mean:.1f} | {mean / base:.2f}x | "
+              + " | ".join(f"{100 * shares[name][k]:.0f} %" for k in ("data", "forward", "backward", "step")) + " |")
+    print(f"load average now: {os.getloadavg()[0]:.1f} (other work on the machine skews every row)")
 
 
 def zero_stages_main(args) -> None:
