@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from pipeline.evaluate import SampleResult, photo_samples, summarise  # noqa: E402
 from pipeline.inference import ACCURATE, FAST, predict_images  # noqa: E402
-from pipeline.weights import load_trained  # noqa: E402
+from pipeline.weights import load_trained, resolve  # noqa: E402
 from shards.format import ShardSet  # noqa: E402
 
 IDENTITY = [[1, 0, 0], [0, 1, 0]]
@@ -66,11 +66,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--only", nargs="*", default=None, help="run only variants whose name contains one of these")
     args = p.parse_args()
-    model, cfg, meta = load_trained(args.checkpoint, "cpu")
+    model, record = load_trained(args.checkpoint, "cpu")
+    cfg = record.config
     shards = ShardSet.open(args.shards)
     photos = list(itertools.islice(photo_samples(shards), args.photos))
     flip = shards.flip_permutation()
-    print(f"{meta['source']}: {len(photos)} photographs of {args.shards}, batch {args.batch_size}, "
+    print(f"{resolve(args.checkpoint)}: {len(photos)} photographs of {args.shards}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} torch thread(s); eval.scales {cfg.eval.scales}")
     rows, base = [], None
     for name, search in VARIANTS.items():

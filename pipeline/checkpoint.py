@@ -1,8 +1,16 @@
 """DeepSpeed checkpoints of a run: `runs/NAME/checkpoints/<tag>/` plus a `latest` file.
 
-DeepSpeed's engine saves and loads the model, optimizer, scheduler and ZeRO partitions; the trainer's
-own state (step, epoch, position in the epoch, stop detector, RNG of every rank, MLflow run id)
-travels as `client_state`.
+The Checkpointer is handed what a checkpoint holds and decides when to write one (every
+train.checkpoint_every steps, and at the end):
+
+    checkpointer = Checkpointer(directory, world, cfg.train, engine, states={"trainer": trainer,
+                                "data": batches, "stopper": stopper, "rng": rngs, "ema": ema}, record=record)
+    if checkpointer.due(step): checkpointer.save(step)
+    client_state = checkpointer.load(tag)
+
+DeepSpeed's engine saves and loads the model, optimizer, scheduler and ZeRO partitions; each state's
+state_dict() travels under its name in DeepSpeed's `client_state` (the trainer's counters, the data
+position, the stop detector, the RNG of every rank), beside the step.
 
 Atomicity: every rank writes into `.partial-<tag>/`; after a barrier (all ranks' files are on disk)
 rank 0 fsyncs them, renames the folder to `<tag>` and only then replaces `latest` (written to a
@@ -11,7 +19,9 @@ complete one, and a crash or kill at any moment leaves the previous checkpoint u
 `.partial-*` folder is removed by the next save. The last `keep` tags are kept.
 
 Beside DeepSpeed's files every tag holds `weights.safetensors` (the fp32 weights, gathered under
-ZeRO-3) and, with a weight average, `ema.safetensors`: what `mshg export` reads, never unpickling.
+ZeRO-3), a safetensors file for each state whose state_dict() holds tensors only (the weight average:
+`ema.safetensors`) and `meta.json` (where training stood, and the model record: config, joints, flip
+pairs, skeleton): what `mshg export` reads, never unpickling.
 DeepSpeed's own files are pickles, which run code when loaded; so every tag is signed: rank 0
 writes `signature.json`, the sha256 of each file and an HMAC of them under this user's checkpoint
 key (`MSHG_CHECKPOINT_KEY`, default ~/.config/mshg/checkpoint.key, made on first use, mode 600;
@@ -38,8 +48,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.distributed import broadcast_object, gather_objects
+from pipeline.model_record import ModelRecord
 
 LATEST = "latest"
 PARTIAL = ".partial-"
@@ -187,11 +198,51 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
                             f"or one of its step* folders)")
 
 
+def find_resume_tag(directory: str | Path, mode: str, world) -> str | None:
+    """The tag to resume from (rank 0's view of `latest`, on every rank), or None for a new run.
+    mode (train.resume): auto (resume if there is a checkpoint), never (error if there is one), require
+    (error if there is none)."""
+    found: tuple[str | None, str | None] = (None, None)
+    if world.is_main:
+        try:
+            found = (latest_tag(directory), None)
+        except FileNotFoundError as e:
+            found = (None, str(e))
+    tag, error = broadcast_object(found, world)
+    if error:
+        raise ConfigError(error)
+    if tag is None and mode == "require":
+        raise nothing_to_resume(directory)
+    if tag is not None and mode == "never":
+        raise ConfigError(f"train.resume=never, but {directory} already holds checkpoint {tag}: "
+                          f"pick another train.run_name, or resume with train.resume=auto")
+    return tag
+
+
+def written_by(directory: str | Path, tag: str) -> int | None:
+    """The number of ranks that wrote checkpoint `tag` (its meta.json), None when it does not say."""
+    meta = Path(directory) / tag / META
+    return json.loads(meta.read_text()).get("world_size") if meta.is_file() else None
+
+
+def holds_tensors_only(state) -> bool:
+    """A state saved as safetensors (readable without unpickling), not in DeepSpeed's client_state."""
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, world):
+    """A run's checkpoints, handed what they hold: DeepSpeed's `engine`; `states`, name -> an object with
+    state_dict() (None: not in this run), each saved under its name: in DeepSpeed's client_state, or as
+    <name>.safetensors when its dict holds tensors only (the weight average); the model `record` for
+    meta.json. It keeps the last train.keep_checkpoints and says when one is due (train.checkpoint_every)."""
+
+    def __init__(self, directory: Path, world, train: TrainConfig, engine=None, states: dict | None = None,
+                 record: ModelRecord | None = None):
         self.dir = Path(directory)
-        self.keep = max(keep, 1)
         self.world = world
+        self.keep, self.every = max(train.keep_checkpoints, 1), train.checkpoint_every
+        self.engine, self.record = engine, record
+        self.states = {name: state for name, state in (states or {}).items() if state is not None}
         self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.last_saved: Path | None = None
         checkpoint_key()  # a missing key is made, a weak one refused now: not at the first checkpoint, hours in
@@ -199,11 +250,32 @@ class Checkpointer:
     def latest_tag(self) -> str | None:
         return latest_tag(self.dir)
 
-    def save(self, engine, step: int, client_state: dict, meta: dict | None = None,
-             tensors: dict[str, dict] | None = None) -> Path:
-        """All ranks call this. `meta` (JSON-able, rank 0's) goes to <tag>/meta.json, readable
-        without unpickling (the export reads the run's config and joints from it); `tensors` (rank
-        0's, {name: {key: tensor}}, e.g. the weight average) to <tag>/<name>.safetensors."""
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after optimizer step `step`: every train.checkpoint_every steps (0: only
+        the one at the end)."""
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, step: int) -> Path:
+        """All ranks call this, after optimizer step `step`: the engine's files, every state (their state_dicts
+        are taken on every rank: the RNG's gathers all ranks'), the full fp32 weights, and meta.json, for people
+        and for `mshg export`: where training stood and the model record. A second call at the same step
+        returns the first's checkpoint (checkpoint_every fell on the last step)."""
+        if self.saved_step == step:
+            return self.last_saved
+        saved = {name: state.state_dict() for name, state in self.states.items()}
+        tensors = {name: d for name, d in saved.items() if holds_tensors_only(d)}
+        tensors["weights"] = full_state_dict(self.engine.module, self.engine.zero_optimization_stage())
+        client_state = {"step": step, **{name: d for name, d in saved.items() if name not in tensors}}
+        data = saved.get("data", {})
+        meta = {"step": step, "engine_steps": self.engine.global_steps, "micro_batches": data.get("drawn"),
+                "epoch": data.get("epoch"), "position": data.get("position"), "world_size": self.world.size,
+                "zero_stage": self.engine.zero_optimization_stage(), **self.record.fields()}
+        return self.write(step, client_state, meta, tensors)
+
+    def write(self, step: int, client_state: dict, meta: dict, tensors: dict[str, dict]) -> Path:
+        """All ranks write their part of the tag (DeepSpeed's files, with `client_state`); then rank 0 adds
+        `meta` (<tag>/meta.json) and `tensors` ({name: {key: tensor}}, <tag>/<name>.safetensors), signs the
+        tag and names it `latest`."""
         tag = f"step{step:08d}"
         partial = PARTIAL + tag
         if self.world.is_main:  # leftovers of a crash, or of an earlier attempt at this very tag
@@ -212,15 +284,14 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(self.world.size)
         try:
-            engine.save_checkpoint(str(self.dir), tag=partial, client_state=client_state, save_latest=False)
+            self.engine.save_checkpoint(str(self.dir), tag=partial, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as e:
             raise self.write_failed(partial, e) from None
         _barrier(self.world.size)  # every rank's part of this tag is written
         if self.world.is_main:
             try:
-                if meta is not None:
-                    (self.dir / partial / META).write_text(json.dumps(meta, indent=1))
-                for name, state in (tensors or {}).items():
+                (self.dir / partial / META).write_text(json.dumps(meta, indent=1))
+                for name, state in tensors.items():
                     save_file(state, str(self.dir / partial / f"{name}.safetensors"))
                 sign(self.dir / partial)
                 _fsync_tree(self.dir / partial)
@@ -258,43 +329,20 @@ class Checkpointer:
                        f"{what} while writing checkpoint {self.dir / partial} ({free / 2**20:.1f} MiB free there); "
                        f"removed it, {'kept ' + str(self.dir / kept) + ' as latest' if kept else 'no earlier checkpoint'}")
 
-    def resume_tag(self, mode: str = "auto") -> str | None:
-        """The tag to resume from (rank 0's view of `latest`, on every rank), or None for a new run.
-        mode: auto (resume if there is a checkpoint), never (error if there is one), require (error
-        if there is none)."""
-        found: tuple[str | None, str | None] = (None, None)
-        if self.world.is_main:
-            try:
-                found = (self.latest_tag(), None)
-            except FileNotFoundError as e:
-                found = (None, str(e))
-        tag, error = broadcast_object(found, self.world)
-        if error:
-            raise ConfigError(error)
-        if tag is None and mode == "require":
-            raise nothing_to_resume(self.dir)
-        if tag is not None and mode == "never":
-            raise ConfigError(f"train.resume=never, but {self.dir} already holds checkpoint {tag}: "
-                              f"pick another train.run_name, or resume with train.resume=auto")
-        return tag
-
-    def written_by(self, tag: str) -> int | None:
-        """The number of ranks that wrote checkpoint `tag` (its meta.json), None when it does not say."""
-        meta = self.dir / tag / META
-        return json.loads(meta.read_text()).get("world_size") if meta.is_file() else None
-
-    def load(self, engine, tag: str) -> dict:
-        """Loads checkpoint `tag` into the engine, after checking its signature; returns the trainer's
-        client_state. Every rank checks, with its own key, the files it unpickles (rank 0 all of them): a node
-        whose copy differs is caught too. A refusal on any rank stops every rank, before DeepSpeed loads.
+    def load(self, tag: str) -> dict:
+        """Loads checkpoint `tag` into the engine, after checking its signature; returns its client_state (the
+        step, and the states by name: the caller decides how they continue). Every rank checks, with its own
+        key, the files it unpickles (rank 0 all of them): a node whose copy differs is caught too. A refusal on
+        any rank stops every rank, before DeepSpeed loads.
 
         Written by another number of ranks, a ZeRO checkpoint's optimizer state is partitioned for that
         number: rank 0 converts it to DeepSpeed's universal checkpoint (one file per parameter and state,
         `to_universal`), which the engine (built with `checkpoint.load_universal`, see `deepspeed_config`)
         partitions for this run; the BatchNorm statistics, which the universal load leaves alone, come from
         the tag's weights.safetensors."""
+        engine = self.engine
         self.verify(tag, all_files=False)
-        elastic = (self.written_by(tag) or self.world.size) != self.world.size and engine.zero_optimization()
+        elastic = (written_by(self.dir, tag) or self.world.size) != self.world.size and engine.zero_optimization()
         load_tag = self.to_universal(tag) if elastic else tag
         try:
             path, client_state = engine.load_checkpoint(str(self.dir), tag=load_tag)
@@ -339,10 +387,10 @@ class Checkpointer:
                 convert_to_universal(self.dir / tag, out)
                 sign(out)
             except Exception as e:  # noqa: BLE001 - whatever the converter raises, the resume stops with it in words
-                error = (f"{self.dir / tag}: written by {self.written_by(tag)} rank(s); converting it for "
-                         f"{self.world.size} with DeepSpeed's ds_to_universal failed ({type(e).__name__}: "
-                         f"{first_line(e)}): resume with {self.written_by(tag)} rank(s), or start a new run from its "
-                         f"weights with train.init_from={self.dir.parent}")
+                ranks = written_by(self.dir, tag)
+                error = (f"{self.dir / tag}: written by {ranks} rank(s); converting it for {self.world.size} with "
+                         f"DeepSpeed's ds_to_universal failed ({type(e).__name__}: {first_line(e)}): resume with "
+                         f"{ranks} rank(s), or start a new run from its weights with train.init_from={self.dir.parent}")
         error = broadcast_object(error, self.world)
         if error:
             raise ConfigError(error)

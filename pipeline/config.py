@@ -396,8 +396,13 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML: config.yaml, and the model record's (`config_from_yaml` reads it back)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    OmegaConf.save(OmegaConf.structured(cfg), Path(path))
+    Path(path).write_text(config_yaml(cfg), encoding="utf-8")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

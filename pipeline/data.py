@@ -238,24 +238,24 @@ class PoseLoader(DALIGenericIterator):
                               f"Run `mshg verify` on the shard directory and re-shard without it")
 
 
-def build_loader(shards: ShardSet, cfg: DataConfig, batch_size: int, train: bool,
-                 rank: int = 0, world_size: int = 1, device_id: int | None = None,
-                 seed_offset: int | None = None) -> PoseLoader:
-    """A DALI iterator over this rank's part of the shards; one pass is one epoch.
+def build_loader(shards: ShardSet, cfg: DataConfig, batch_size: int, train: bool, part: tuple[int, int] = (0, 1),
+                 device_id: int | None = None) -> PoseLoader:
+    """A DALI iterator over one part of the shards; one pass is one epoch.
 
-    Every rank gets the same number of batches (the reader pads its shard to the largest one and
-    the iterator drops the padding from the last, partial batch), so ranks stay in step. The same
-    seed, rank and world size give the same batches again; to resume mid-epoch, skip the batches
-    already consumed (`batches_done` counts them). `rank` picks the reader's part of the shards; the
-    random augmentations are seeded with seed + `seed_offset` (default: the rank).
+    `part`: (which, of how many): the reader's share of the shards, e.g. (rank, world size). Every part
+    gets the same number of batches (the reader pads its shard to the largest one and the iterator drops
+    the padding from the last, partial batch), so ranks stay in step. The reader shuffles with cfg.seed,
+    the random augmentations are seeded with cfg.seed + the part's index (each part its own). The same
+    seed and part give the same batches again; to resume mid-epoch, skip the batches already consumed
+    (`batches_done` counts them).
     """
     prefetch = 2
-    pipe = pose_pipeline(shards=shards, cfg=cfg, train=train, shard_id=rank, num_shards=world_size,
+    shard_id, num_shards = part
+    pipe = pose_pipeline(shards=shards, cfg=cfg, train=train, shard_id=shard_id, num_shards=num_shards,
                          gpu=device_id is not None, batch_size=batch_size, num_threads=cfg.num_threads,
-                         device_id=device_id, seed=cfg.seed + (rank if seed_offset is None else seed_offset),
-                         prefetch_queue_depth=prefetch)
+                         device_id=device_id, seed=cfg.seed + shard_id, prefetch_queue_depth=prefetch)
     pipe.build()
-    replay = dict(shards=shards, cfg=cfg, train=train, shard_id=rank, num_shards=world_size, batch_size=batch_size)
+    replay = dict(shards=shards, cfg=cfg, train=train, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size)
     return PoseLoader(pipe, replay, prefetch)
 
 
@@ -320,17 +320,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class TrainBatches:
     """One rank's training batches, epoch after epoch: `next()` is the next micro-batch.
 
-    Epoch e is a pipeline built with `epoch_seed(seed, e)` over reader shard (rank + e) % world_size, so
-    every rank sees another part of the data each epoch and the order of epoch e, batch b depends only
-    on (seed, rank, e, b). `epoch` counts the epochs completed and `position` the batches drawn from the
-    current one; an epoch ends as its last batch is drawn, so a checkpoint taken there resumes at the
-    start of the next epoch. A resumed run (same seed, ranks, micro-batch) sets both from the
-    checkpoint and gets the very batches the uninterrupted run would have had next."""
+    `part`: (this rank, the number of ranks). Epoch e is a pipeline built with `epoch_seed(seed, e)` over
+    reader shard (rank + e) % world_size, so every rank sees another part of the data each epoch and the
+    order of epoch e, batch b depends only on (seed, rank, e, b). `epoch` counts the epochs completed and
+    `position` the batches drawn from the current one; an epoch ends as its last batch is drawn, so a
+    checkpoint taken there resumes at the start of the next epoch. A resumed run (same seed, ranks,
+    micro-batch) sets both from the checkpoint and gets the very batches the uninterrupted run would have
+    had next."""
 
-    def __init__(self, shards: ShardSet, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                 device_id: int | None, log=print):
+    def __init__(self, shards: ShardSet, cfg: DataConfig, batch_size: int, part: tuple[int, int] = (0, 1),
+                 device_id: int | None = None, log=print):
         self.shards, self.cfg, self.batch_size = shards, cfg, batch_size
-        self.rank, self.world_size, self.device_id, self.log = rank, world_size, device_id, log
+        (self.rank, self.world_size), self.device_id, self.log = part, device_id, log
         self.epoch, self.position = 0, 0
         self.drawn = 0  # micro-batches drawn over all epochs
         self.loader: PoseLoader | None = None
@@ -347,9 +348,8 @@ class TrainBatches:
 
     def build(self) -> PoseLoader:
         data = dataclasses.replace(self.cfg, seed=epoch_seed(self.cfg.seed, self.epoch))
-        loader = build_loader(self.shards, data, self.batch_size, train=True,
-                              rank=(self.rank + self.epoch) % self.world_size, world_size=self.world_size,
-                              device_id=self.device_id, seed_offset=self.rank)
+        part = ((self.rank + self.epoch) % self.world_size, self.world_size)
+        loader = build_loader(self.shards, data, self.batch_size, train=True, part=part, device_id=self.device_id)
         if self.position:
             t0 = time.perf_counter()
             loader.skip(self.position)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import EvalConfig, validate
-from pipeline.distributed import gather_objects
+from pipeline.distributed import device_index, gather_objects
 from pipeline.inference import (ACCURATE, FAST, PhotoSearch, crop_to_original, image_from_bytes, inference_device,
                                 predict_crops, predict_images)
 from pipeline.metrics import metric_for
@@ -46,18 +46,20 @@ class SampleResult:
 
 
 @torch.no_grad()
-def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: EvalConfig,
-                    flip_perm: list[int], keep_images: int = 0, progress: bool = True) -> dict[int, SampleResult]:
+def evaluate_loader(model: torch.nn.Module, loader, cfg: EvalConfig, flip_perm: list[int], keep_images: int = 0,
+                    progress: bool = True) -> dict[int, SampleResult]:
     """This rank's validation results by sample id; the crop is kept for the `keep_images` smallest
     sample ids this rank saw (the prediction grid of each evaluation shows these fixed images).
     The one evaluation of the project: training's evaluations and `mshg evaluate` both call it, in
     fp32, with the flip test unless `eval.flip=false`, decoded from `eval.modules`.
 
     A validation crop is a similarity transform of the image, so PCK (a ratio of distances) is the
-    same in crop and in original coordinates; PCKh and COCO AP map back with the matrix.
+    same in crop and in original coordinates; PCKh and COCO AP map back with the matrix. The batches go
+    to the model's device.
     progress: a bar over the batches on stderr when it is a terminal (training's evaluations go without)."""
     from pipeline.data import unpack
 
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     results: dict[int, SampleResult] = {}
@@ -81,15 +83,15 @@ def evaluate_loader(model: torch.nn.Module, loader, device: torch.device, cfg: E
     return results
 
 
-def evaluate_shards(model: torch.nn.Module, shards, cfg, batch_size: int, world, device_id: int | None,
-                    keep_images: int = 8) -> dict[int, SampleResult] | None:
-    """Training's evaluation: every rank predicts its part of `shards` (DALI's validation crops); rank 0
-    gets everyone's results (the crops of the `keep_images` smallest ids kept for the prediction grid),
-    the other ranks None."""
+def evaluate_shards(model: torch.nn.Module, shards, cfg, batch_size: int, world, keep_images: int = 8
+                    ) -> dict[int, SampleResult] | None:
+    """Training's evaluation: every rank predicts its part of `shards` (DALI's validation crops, on the rank's
+    GPU when it has one); rank 0 gets everyone's results (the crops of the `keep_images` smallest ids kept
+    for the prediction grid), the other ranks None."""
     from pipeline.data import build_loader
-    loader = build_loader(shards, cfg.data, batch_size, train=False, rank=world.rank, world_size=world.size,
-                          device_id=device_id)
-    results = evaluate_loader(model, loader, world.device, cfg.eval, shards.flip_permutation(),
+    loader = build_loader(shards, cfg.data, batch_size, train=False, part=(world.rank, world.size),
+                          device_id=device_index(world))
+    results = evaluate_loader(model, loader, cfg.eval, shards.flip_permutation(),
                               keep_images=keep_images if world.is_main else 0, progress=False)
     merged = {}
     for part in gather_objects(results, world):
@@ -139,12 +141,13 @@ def photo_samples(shards):
             yield Photo(idx, image_from_bytes(data, where), keypoints, box, meta)
 
 
-def evaluate_photos(model, cfg, shards, boxes: bool, flip_perm: list[int] | None, batch_size: int = 16,
-                    search: PhotoSearch = FAST) -> tuple[dict[int, SampleResult], dict[int, dict]]:
+def evaluate_photos(model, cfg, shards, boxes: bool, batch_size: int = 16, search: PhotoSearch = FAST
+                    ) -> tuple[dict[int, SampleResult], dict[int, dict]]:
     """`mshg predict` on the shard set's photographs, scored against their annotation: with each person's box
     (the validation box rule, `--boxes`), or bare (no box: pipeline.inference's coarse-to-fine rule,
-    `predict_images`). Results in original pixels (an identity matrix), and each sample's metadata (read with
-    the photographs), both for `summarise`."""
+    `predict_images`); with the flip test when cfg.eval.flip. Results in original pixels (an identity matrix),
+    and each sample's metadata (read with the photographs), both for `summarise`."""
+    flip_perm = shards.flip_permutation() if cfg.eval.flip else None
     results: dict[int, SampleResult] = {}
     metadata: dict[int, dict] = {}
     chunk: list = []
@@ -202,45 +205,54 @@ def parse_modules(text: str | None, count: int) -> list[int] | None:
     return modules
 
 
-def evaluate(checkpoint: str, shards_dir: str, *, batch_size: int = 16, out: str | None = None,
-             sheet: str | None = None, flip: bool = True, device: str = "auto", modules: str | None = None,
-             dark_kernel: int | None = None, scales: list[float] | None = None, photos: str | None = None,
-             passes: int | None = None, accurate: bool = False) -> int:
-    """`mshg evaluate`: one process, the validation crop (or, with photos="boxes"|"bare", `mshg predict`'s path
-    on the photographs) over every sample of a shard set; the metric printed, and written to `out` as JSON.
-    flip=False, modules, dark_kernel and scales override the run's eval settings. Exit status 0, or 1 when
-    the metric is not a number."""
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `mshg evaluate` evaluates: the run's eval settings with its flags over them (None: the run's)."""
+    batch_size: int = 16  # validation crops (or photographs) a batch
+    device: str = "auto"
+    flip: bool = True  # False: without the flip test, whatever eval.flip says
+    modules: str | None = None  # "6,7,8": decode from the mean of these modules' heatmaps
+    dark_kernel: int | None = None
+    scales: list[float] | None = None
+    photos: str | None = None  # "boxes" | "bare": `mshg predict`'s path on the photographs, not the validation crops
+    passes: int | None = None  # with photos="bare": the passes of the coarse-to-fine search
+    accurate: bool = False  # with photos="bare": `mshg predict --accurate`'s search
+
+    def applied(self, cfg: EvalConfig, modules: int) -> EvalConfig:
+        """The run's eval settings with these flags over them; `modules`: how many the model has."""
+        chosen = parse_modules(self.modules, modules)
+        return dataclasses.replace(cfg, flip=cfg.flip and self.flip, modules=chosen or cfg.modules,
+                                   dark_kernel=cfg.dark_kernel if self.dark_kernel is None else self.dark_kernel,
+                                   scales=self.scales or cfg.scales)
+
+
+def evaluate(checkpoint: str, shards_dir: str, options: EvalOptions = EvalOptions(), out: str | None = None,
+             sheet: str | None = None) -> int:
+    """`mshg evaluate`: one process, the validation crop (or, with options.photos, `mshg predict`'s path on the
+    photographs) over every sample of a shard set; the metric printed, and written to `out` as JSON; `sheet`: a
+    contact sheet of the first crops. Exit status 0, or 1 when the metric is not a number."""
     from pipeline.data import build_loader
-    if photos and sheet:
+    if options.photos and sheet:
         raise ValueError("--sheet draws the validation crops: leave out --photos")
-    torch_device = inference_device(device)
-    model, cfg, meta = load_trained(checkpoint, torch_device)
+    torch_device = inference_device(options.device)
+    model, record = load_trained(checkpoint, torch_device)
     shards = ShardSet.open(shards_dir)
-    if shards.joints != meta["joints"]:  # by name: the same count in another order would score silently wrong
-        raise ValueError(f"{shards_dir}: its joints are not the model's ({joint_difference(shards.joints, meta['joints'])}); "
+    if shards.joints != record.joints:  # by name: the same count in another order would score silently wrong
+        raise ValueError(f"{shards_dir}: its joints are not the model's ({joint_difference(shards.joints, record.joints)}); "
                          f"evaluate on shards of the joint set the model was trained on")
     metric = metric_for(shards)
-    eval_cfg = dataclasses.replace(cfg.eval, flip=cfg.eval.flip and flip)
-    chosen = parse_modules(modules, len(model.strides))
-    if chosen:
-        eval_cfg = dataclasses.replace(eval_cfg, modules=chosen)
-    if dark_kernel is not None:
-        eval_cfg = dataclasses.replace(eval_cfg, dark_kernel=dark_kernel)
-    if scales:
-        eval_cfg = dataclasses.replace(eval_cfg, scales=scales)
-    cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    eval_cfg = options.applied(record.config.eval, len(model.strides))
+    cfg = dataclasses.replace(record.config, eval=eval_cfg)
     validate(cfg)  # the overrides too
-    if photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
-        flip_perm = shards.flip_permutation() if eval_cfg.flip else None
-        search = (ACCURATE if accurate else FAST).with_passes(passes)
-        results, metadata = evaluate_photos(model, cfg, shards, photos == "boxes", flip_perm, batch_size, search)
-        how = "mshg predict on the photographs, " + ("with each person box" if photos == "boxes" else
+    if options.photos:  # the photographs through `mshg predict`'s path, with the validation box or bare
+        search = (ACCURATE if options.accurate else FAST).with_passes(options.passes)
+        results, metadata = evaluate_photos(model, cfg, shards, options.photos == "boxes", options.batch_size, search)
+        how = "mshg predict on the photographs, " + ("with each person box" if options.photos == "boxes" else
                                                      f"bare: no box, {search}")
     else:
-        loader = build_loader(shards, cfg.data, batch_size=batch_size, train=False,
+        loader = build_loader(shards, cfg.data, batch_size=options.batch_size, train=False,
                               device_id=torch_device.index or 0 if torch_device.type == "cuda" else None)
-        results = evaluate_loader(model, loader, torch_device, eval_cfg, shards.flip_permutation(),
-                                  keep_images=16 if sheet else 0)
+        results = evaluate_loader(model, loader, eval_cfg, shards.flip_permutation(), keep_images=16 if sheet else 0)
         metadata = read_metadata(shards) if metric.needs_metadata else None
         how = "the validation crops"
         if sheet:
@@ -259,6 +271,7 @@ def evaluate(checkpoint: str, shards_dir: str, *, batch_size: int = 16, out: str
 
 def main(args) -> int:
     """The command line's arguments (pipeline/cli.py's `evaluate` parser defines each) -> `evaluate`."""
-    return evaluate(args.checkpoint, args.shards, batch_size=args.batch_size, out=args.out, sheet=args.sheet,
-                    flip=not args.no_flip, device=args.device, modules=args.modules, dark_kernel=args.dark_kernel,
-                    scales=args.scales, photos=args.photos, passes=args.passes, accurate=args.accurate)
+    options = EvalOptions(batch_size=args.batch_size, device=args.device, flip=not args.no_flip, modules=args.modules,
+                          dark_kernel=args.dark_kernel, scales=args.scales, photos=args.photos, passes=args.passes,
+                          accurate=args.accurate)
+    return evaluate(args.checkpoint, args.shards, options, out=args.out, sheet=args.sheet)

@@ -3,8 +3,8 @@
 The ONNX graph takes the normalised image `image` (B, 3, S, S) float32 (RGB, ImageNet mean/std, as
 `data.to_model_input` makes it) and returns the last module's heatmaps `heatmaps` (B, J, S/s,
 S/s), the ones every prediction is decoded from. The batch dimension is dynamic. The model's
-metadata (`metadata_props`) carries joints, flip pairs, input size, stride, mean and std, so the
-file is usable without this code.
+metadata (`metadata_props`) carries the model record (config, joints, flip pairs, skeleton, input size,
+stride), mean and std, so the file is usable without this code.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import onnx
 from torch import nn
 
 from pipeline.inputs import IMAGE_MEAN, IMAGE_STD
+from pipeline.model_record import ModelRecord
 from pipeline.weights import load_trained
 
 OPSET = 17
@@ -34,9 +35,9 @@ class HeatmapModel(nn.Module):
         return self.model(image)[-1]
 
 
-def onnx_metadata(joints: list[str], flip_pairs: list[list[int]], input_size: int, stride: int) -> dict[str, str]:
-    return {"joints": json.dumps(joints), "flip_pairs": json.dumps(flip_pairs), "input_size": str(input_size),
-            "stride": str(stride), "mean": json.dumps(IMAGE_MEAN), "std": json.dumps(IMAGE_STD),
+def onnx_metadata(record: ModelRecord) -> dict[str, str]:
+    """The model record, and how the graph's input is made and its output read."""
+    return {**record.metadata(), "mean": json.dumps(IMAGE_MEAN), "std": json.dumps(IMAGE_STD),
             "input": "RGB float32 (B, 3, S, S), (x / 255 - mean) / std", "output": "last-module heatmaps"}
 
 
@@ -65,7 +66,5 @@ def export_model_onnx(model: nn.Module, input_size: int, out_path: str | Path, m
 
 def export_onnx(weights_path: str | Path, out_path: str | Path) -> Path:
     """A run directory or model.safetensors -> ONNX file of its last-module heatmaps."""
-    model, cfg, meta = load_trained(weights_path)
-    return export_model_onnx(model, cfg.data.input_size, out_path,
-                             onnx_metadata(meta["joints"], meta["flip_pairs"], cfg.data.input_size,
-                                           int(model.strides[-1])))
+    model, record = load_trained(weights_path)
+    return export_model_onnx(model, record.input_size, out_path, onnx_metadata(record))

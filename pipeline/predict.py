@@ -30,9 +30,8 @@ from pipeline.config import validate
 from pipeline.inference import (ACCURATE, FAST, MIN_BOX_SIDE, inference_device, predict_images, read_image,
                                 usable_box)
 from pipeline.plots import draw_skeleton
-from pipeline.weights import load_trained
+from pipeline.weights import load_trained, resolve
 from shards.datasets import COCO_JOINTS
-from shards.format import flip_permutation
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -201,13 +200,14 @@ class Predictor:
     """The model and how it is asked; turns batches of images into records and hands them on."""
 
     def __init__(self, args):
-        self.model, cfg, self.meta = load_trained(args.checkpoint, inference_device(args.device))
+        self.model, self.record = load_trained(args.checkpoint, inference_device(args.device))
+        cfg = self.record.config
         if args.scales:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=args.scales))
             validate(cfg)
         self.cfg = cfg
         self.search = (ACCURATE if args.accurate else FAST).with_passes(args.passes)
-        self.flip_perm = None if args.no_flip else flip_permutation(len(self.meta["joints"]), self.meta["flip_pairs"])
+        self.flip_perm = None if args.no_flip else self.record.flip_permutation()
 
     def __call__(self, images: list[np.ndarray], boxes: list) -> np.ndarray:
         return predict_images(self.model, self.cfg, images, boxes, self.flip_perm, self.search)
@@ -234,14 +234,14 @@ def main(args) -> int:
     boxes = read_boxes(args.boxes, files)
     coco_ids = coco_image_ids(args.coco_ids)
     predictor = Predictor(args)
-    meta = predictor.meta
-    print(f"model: {meta['source']} ({len(meta['joints'])} joints); {len(files)} input file(s) -> {args.out}",
+    joints, skeleton = predictor.record.joints, predictor.record.skeleton
+    print(f"model: {resolve(args.checkpoint)} ({len(joints)} joints); {len(files)} input file(s) -> {args.out}",
           file=sys.stderr)
     overlay_dir = Path(args.overlay) if args.overlay else None
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
-    writer = PredictionWriter(args.out, args.format, meta["joints"], meta["skeleton"], coco_ids)
+    writer = PredictionWriter(args.out, args.format, joints, skeleton, coco_ids)
     frames = 0
     bar = tqdm(total=len(files), desc="predict", unit="file", disable=None)
 
@@ -253,10 +253,10 @@ def main(args) -> int:
                 skips.add(record["image"], str(e))
                 continue
             if video is not None:
-                video.write(draw(image, record["keypoints"], meta["skeleton"]))
+                video.write(draw(image, record["keypoints"], skeleton))
             elif overlay_dir:
                 path = overlay_path(overlay_dir, record["image"], ".jpg", taken)
-                if not cv2.imwrite(str(path), draw(image, record["keypoints"], meta["skeleton"])):
+                if not cv2.imwrite(str(path), draw(image, record["keypoints"], skeleton)):
                     raise OSError(f"{path}: cannot write the overlay image")
         items.clear()
 

@@ -14,6 +14,7 @@ import os
 import socket
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.config import Config, ConfigError, save_config
 
@@ -21,6 +22,15 @@ LOG_FILE, SUMMARY_FILE, CONFIG_FILE, LOCK_FILE = "train.log", "summary.txt", "co
 # the run's MLflow run id, written by the tracker when the run starts: how `mshg train --ranks N` finds the
 # run to mark FAILED after a rank died (pipeline.runs.mark_failed), never another run of the same name
 RUN_ID_FILE = "mlflow_run_id"
+
+
+class RunEnd(NamedTuple):
+    """How a run ended: why, at which step, after how many seconds of training, and what it left."""
+    reason: str
+    step: int
+    seconds: float
+    checkpoint: Path
+    weights: Path | None  # model.safetensors (rank 0's; None where the run was preempted)
 
 
 def default_run_name(cfg: Config) -> str:
@@ -91,12 +101,11 @@ class RunFolder:
         save_config(cfg, self.path / CONFIG_FILE)
         return self.path / CONFIG_FILE
 
-    def write_summary(self, headline: str | None, checkpoint: Path, weights: Path | None, reason: str, step: int,
-                      run_id: str | None, ui_command: str, seconds: float) -> str:
+    def write_summary(self, headline: str | None, end: RunEnd, run_id: str | None, ui_command: str) -> str:
         """The lines a run ends with; also kept in summary.txt so launchers can repeat them."""
         lines = [headline] if headline else []
-        lines += [f"stopped at step {step} ({reason}) after {seconds:.0f} s of training",
-                  f"checkpoint: {checkpoint}", f"weights:    {weights}", f"run dir:    {self.path}",
+        lines += [f"stopped at step {end.step} ({end.reason}) after {end.seconds:.0f} s of training",
+                  f"checkpoint: {end.checkpoint}", f"weights:    {end.weights}", f"run dir:    {self.path}",
                   f"MLflow run {run_id}; look at it with:", f"  {ui_command}", *self.notes]
         text = "\n".join(lines)
         (self.path / SUMMARY_FILE).write_text(text + "\n")

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 RIGHT, LEFT, CENTRE, OUTSIDE, HEAT = (230, 40, 40), (40, 110, 255), (250, 220, 0), (170, 170, 170), (0, 255, 90)
+COLUMNS = 4  # tiles a row of the grid
 
 
 def side_of(name: str) -> str:
@@ -34,20 +36,27 @@ def joint_colours(joints: list[str]) -> list[tuple[int, int, int]]:
     return [{"right": RIGHT, "left": LEFT, "centre": CENTRE}[side_of(n)] for n in joints]
 
 
-def draw_tile(image: np.ndarray, keypoints: np.ndarray, weights: np.ndarray, heatmap: np.ndarray,
-              joints: list[str], caption: str, scale: int, skeleton=()) -> np.ndarray:
-    """One crop (uint8 HWC) with heatmap, skeleton and marks, enlarged `scale` times for legibility."""
+class TileStyle(NamedTuple):
+    """What every tile of a grid shares: each joint's colour, the limbs drawn, the enlargement."""
+    colours: list[tuple[int, int, int]]  # joint_colours
+    skeleton: list  # (a, b) joint index pairs
+    scale: int  # tile pixels per crop pixel: small crops enlarged, so that the marks stay legible
+
+
+def draw_tile(image: np.ndarray, keypoints: np.ndarray, weights: np.ndarray, heatmap: np.ndarray, caption: str,
+              style: TileStyle) -> np.ndarray:
+    """One crop (uint8 HWC) with heatmap, skeleton and marks, enlarged `style.scale` times."""
+    colours, scale = style.colours, style.scale
     size = image.shape[0]
     out = cv2.resize(image, (size * scale, size * scale), interpolation=cv2.INTER_NEAREST)
     hm = cv2.resize(np.clip(heatmap.max(0), 0, 1), (size * scale, size * scale), interpolation=cv2.INTER_LINEAR)
     alpha = (0.7 * hm)[..., None]  # heatmaps in green: joints are red / blue / yellow
     out = (out * (1 - alpha) + np.array(HEAT, np.float32) * alpha).astype(np.uint8)
-    colours = joint_colours(joints)
     pts = keypoints[:, :2] * scale  # continuous crop coordinates -> enlarged pixels
     shift = 4
     ip = lambda p: tuple(int(round(v * (1 << shift))) for v in p)  # noqa: E731
     inside = weights > 0
-    for a, b in skeleton:
+    for a, b in style.skeleton:
         if inside[a] and inside[b]:
             limb = colours[a] if colours[a] == colours[b] else CENTRE  # hips, shoulders, neck: centre
             cv2.line(out, ip(pts[a]), ip(pts[b]), limb, max(1, scale), cv2.LINE_AA, shift)
@@ -84,17 +93,17 @@ def legend(width: int) -> np.ndarray:
     return bar
 
 
-def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool = True, batch: int = 8,
-               stride: int = 4, columns: int = 4, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+def show_batch(cfg, out: str, shards_dir: str | None = None, train: bool = True, batch: int = 8, stride: int = 4
+               ) -> Path:
+    """The grid of one batch of `cfg`'s data pipeline (the training recipe, or with train=False the validation
+    crop) over `shards_dir` (default: the config's shards), heatmaps at `stride`, written to `out`."""
     # imported when the command runs: `mshg` builds this command's parser for every command (pipeline/cli.py)
     import torch
 
-    from pipeline.config import load_config
     from pipeline.data import build_loader, unpack
     from pipeline.inputs import training_inputs
     from shards.format import ShardSet
 
-    cfg = load_config(config, overrides)
     shards = ShardSet.open(shards_dir or (cfg.data.train_shards if train else cfg.data.val_shards))
     strides = sorted({s for s, _ in cfg.model.stages})
     if stride not in strides:
@@ -103,15 +112,14 @@ def show_batch(config: str, out: str, shards_dir: str | None = None, train: bool
     b = unpack(next(iter(loader)), torch.device("cpu"))
     _, keypoints, heatmaps, weights = training_inputs(b, shards.flip_permutation(), cfg.data.input_size, strides,
                                                       cfg.data.sigma)
-    size = cfg.data.input_size
-    scale = max(1, round(256 / size))  # small crops enlarged so that the marks stay legible
+    style = TileStyle(joint_colours(shards.joints), shards.skeleton, max(1, round(256 / cfg.data.input_size)))
     tiles = []
     for i in range(len(b["image"])):
         caption = caption_for(int(b["sample_id"][i]), bool(b["flip"][i] > 0.5), b["matrix"][i].numpy(),
                               keypoints[i].numpy(), weights[i].numpy())
         tiles.append(draw_tile(b["image"][i].numpy(), keypoints[i].numpy(), weights[i].numpy(),
-                               heatmaps[stride][i].numpy(), shards.joints, caption, scale, shards.skeleton))
-    columns = min(columns, len(tiles))
+                               heatmaps[stride][i].numpy(), caption, style))
+    columns = min(COLUMNS, len(tiles))
     blank = np.zeros_like(tiles[0])
     tiles += [blank] * (-len(tiles) % columns)
     rows = [np.concatenate(tiles[r:r + columns], 1) for r in range(0, len(tiles), columns)]
@@ -140,5 +148,12 @@ def add_command(sub, formatter_class=argparse.HelpFormatter) -> None:
     p.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--stride", type=int, default=4, help="heatmap resolution to overlay (2, 4 or 8)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seed=3")
-    p.set_defaults(func=lambda args: show_batch(args.config, args.out, args.shards, args.train, args.batch_size,
-                                                args.stride, overrides=args.overrides) and 0)
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    """The command line's arguments (`add_command` defines each) -> `show_batch`."""
+    from pipeline.config import load_config
+
+    show_batch(load_config(args.config, args.overrides), args.out, args.shards, args.train, args.batch_size, args.stride)
+    return 0

@@ -7,6 +7,8 @@ so all resolutions mark the same physical neighbourhood.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -45,27 +47,37 @@ def make_targets(keypoints: torch.Tensor, input_size: int, strides: list[int], s
     return heatmaps, weights
 
 
-def cascade_loss(predictions: list[torch.Tensor], heatmaps: dict[int, torch.Tensor], weights: torch.Tensor,
-                 strides: list[int], fg_weight: float = 0.0, twin_weight: float = 0.0,
-                 flip_perm: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Sum of the per-module weighted MSE losses, and each module's loss for logging.
+@dataclass(frozen=True)
+class LossEmphasis:
+    """Extra weight on the pixels that matter most, in every module's loss (1 + the sum where several apply):
+    `fg` on the pixels near a joint (target >= 0.2, within ~1.8 sigma): on small heatmaps a joint's disc is
+    ~2 % of the pixels, so plain MSE first learns to predict nothing (the weighted loss map of Wang et al.
+    2019, Adaptive Wing Loss, used W = 10). `twin` on the pixels near a joint's left/right twin in that
+    joint's map, where the target is 0 (`flip_perm`: the dataset's left/right permutation; joints that are
+    their own twin get none): a left knee put on the right knee, a double count, costs more than one put on
+    the background."""
+    fg: float = 0.0
+    twin: float = 0.0
+    flip_perm: list[int] | None = None
 
-    fg_weight > 0 weighs the pixels near a joint (target >= 0.2, within ~1.8 sigma) 1 + fg_weight times the
-    background: on small heatmaps a joint's disc is ~2 % of the pixels, so plain MSE first learns to
-    predict nothing (the weighted loss map of Wang et al. 2019, Adaptive Wing Loss, used W = 10).
-    twin_weight > 0 adds twin_weight to the pixels near a joint's twin (flip_perm: the left/right permutation;
-    joints that are their own twin get none) in that joint's map, where the target is 0: a left knee put on the
-    right knee, a double count, costs more than one put on the background."""
+    def __post_init__(self):
+        if self.twin and self.flip_perm is None:
+            raise ValueError("LossEmphasis: a twin weight needs flip_perm, the dataset's left/right permutation")
+
+
+def cascade_loss(predictions: list[torch.Tensor], heatmaps: dict[int, torch.Tensor], weights: torch.Tensor,
+                 strides: list[int], emphasis: LossEmphasis = LossEmphasis()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sum of the per-module weighted MSE losses, and each module's loss for logging; `weights` (B, J): the
+    joints' (joint_weights), `emphasis`: the extra weight of the pixels near a joint or its twin."""
     w = weights[..., None, None]
-    if twin_weight and flip_perm is None:
-        raise ValueError("cascade_loss: twin_weight needs flip_perm, the dataset's left/right permutation")
+    fg, twin, flip_perm = emphasis.fg, emphasis.twin, emphasis.flip_perm
 
     def pixel_weight(t: torch.Tensor) -> torch.Tensor:
-        extra = fg_weight * (t >= 0.2) if fg_weight else 0.0
-        if twin_weight:
+        extra = fg * (t >= 0.2) if fg else 0.0
+        if twin:
             paired = torch.tensor([float(p != j) for j, p in enumerate(flip_perm)], device=t.device).view(1, -1, 1, 1)
-            extra = extra + twin_weight * paired * (t[:, list(flip_perm)] >= 0.2)
-        return w * (1 + extra) if fg_weight or twin_weight else w
+            extra = extra + twin * paired * (t[:, list(flip_perm)] >= 0.2)
+        return w * (1 + extra) if fg or twin else w
 
     pixel_weights = {s: pixel_weight(t) for s, t in heatmaps.items()}
     per_module = [(((p.float() - heatmaps[s]) ** 2) * pixel_weights[s]).mean() for p, s in zip(predictions, strides)]

@@ -37,6 +37,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient, fluent
 from PIL import Image
 
+from pipeline.model_record import ModelRecord
 from pipeline.plots import loss_curves
 from pipeline.run_folder import RUN_ID_FILE
 
@@ -283,22 +284,23 @@ class Tracker:
         """Whether calls reach the store: rank 0's tracker, and the store has not failed."""
         return self.enabled and not self._failed
 
-    def log_model(self, model: torch.nn.Module, onnx_file: str | Path | None, input_size: int, metadata: dict) -> None:
+    def log_model(self, model: torch.nn.Module, onnx_file: str | Path | None, record: ModelRecord) -> None:
         """The final model: `model` (what MLflow serves, e.g. pipeline.export's last-module heatmaps in eval mode)
         through `mlflow.pytorch.log_model` (pt2, an input example of two zero images so the batch dimension stays
-        dynamic) under `model` with `metadata`, and the exported ONNX file (the caller exported it; None: it could
-        not) as the artifact `onnx/<its name>`. A model MLflow refuses is a warning, not a failed run."""
+        dynamic) under `model` with the model record as its metadata, and the exported ONNX file (the caller
+        exported it; None: it could not) as the artifact `onnx/<its name>`. A model MLflow refuses is a warning,
+        not a failed run."""
         if not self.recording:
             return
         if onnx_file is not None:
             self.log_artifact(onnx_file, "onnx")
         if self._failed:
             return
-        example = np.zeros((2, 3, input_size, input_size), np.float32)
+        example = np.zeros((2, 3, record.input_size, record.input_size), np.float32)
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={self._mlflow.__version__}"]
         try:
             self._mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                           pip_requirements=requirements, metadata=metadata)
+                                           pip_requirements=requirements, metadata=record.metadata())
         except Exception as e:
             warn(f"mlflow.pytorch.log_model failed ({type(e).__name__}: {e}); the run has no model")
 

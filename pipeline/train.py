@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -29,12 +30,13 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.checkpoint import META, Checkpointer, first_line, full_state_dict
+from pipeline.checkpoint import META, Checkpointer, find_resume_tag, first_line, written_by
 from pipeline.config import (Config, ConfigError, batch_plan, config_from_yaml, flatten, load_config, mix_sizes,
                              read_deepspeed_file, to_dict)
 from pipeline.ema import WeightAverage
@@ -43,10 +45,11 @@ from pipeline.export import HeatmapModel, export_model_onnx, onnx_metadata
 from pipeline.inputs import joint_map, training_inputs
 from pipeline.metrics import headline, metric_for
 from pipeline.model import build_model
-from pipeline.run_folder import CONFIG_FILE, RunFolder, default_run_name
+from pipeline.model_record import ModelRecord
+from pipeline.run_folder import RunEnd, RunFolder, default_run_name
 from pipeline.schedule import deepspeed_scheduler, make_scheduler
 from pipeline.stop import MAX_MINUTES, SIGNAL, ConvergenceStop, StopSignals, reason_code, reason_from_code
-from pipeline.targets import cascade_loss
+from pipeline.targets import LossEmphasis, cascade_loss
 from pipeline.track import Tracker, warn, within
 from pipeline.validate import Validation
 from pipeline.weights import WEIGHTS_FILE, export_zero_checkpoint, init_from, load_trained
@@ -111,7 +114,14 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     return ds
 
 
-def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]:
+class RunShards(NamedTuple):
+    """A run's shard sets: data.train_shards (its joints are the model's), data.val_shards, data.extra_sets."""
+    train: ShardSet
+    val: ShardSet | None
+    extra: list[ShardSet]
+
+
+def open_shards(cfg: Config) -> RunShards:
     """The training, validation and extra shard sets, checked before any training: all there, validation
     of the training set's joints, every extra set's joints mapping onto them."""
     if not cfg.data.train_shards:
@@ -134,7 +144,7 @@ def open_shards(cfg: Config) -> tuple[ShardSet, ShardSet | None, list[ShardSet]]
         raise ConfigError(f"data.val_shards {cfg.data.val_shards} ({val.dataset}, {len(val.joints)} joints) has "
                           f"other joints than data.train_shards {cfg.data.train_shards} ({train.dataset}, "
                           f"{len(train.joints)} joints): validate on shards of the same joint set")
-    return train, val, extra
+    return RunShards(train, val, extra)
 
 
 def aligned_param_groups(params) -> list[dict]:
@@ -198,32 +208,50 @@ def manifest_digest(shards: ShardSet) -> str:
     return hashlib.sha256((Path(shards.root) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+def by_name(state: dict) -> dict:
+    """A checkpoint's client_state with each state under its name (Checkpointer.save); checkpoints written
+    before kept the trainer's and the data position's entries at the top level."""
+    return state if "trainer" in state else {**state, "trainer": state, "data": state}
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class RandomStates:
+    """The random generators (Python, NumPy, torch, CUDA) of every rank, as a checkpoint keeps them: DeepSpeed
+    saves rank 0's client_state only, so state_dict() gathers all ranks' (every rank calls it) and
+    load_state_dict() takes this rank's back."""
+
+    def __init__(self, world: distributed.World):
+        self.world = world
+
+    def state_dict(self) -> list[dict]:
+        mine = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        return distributed.gather_objects(mine, self.world)
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        state = states[self.world.rank]
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
-def build_engine(cfg: Config, world: distributed.World, joints: list[str], minutes, align_views: bool | None = None,
-                 log=print, load_universal: bool = False):
+def views_need_alignment(world: distributed.World) -> bool:
+    """CUDA kernels fault on parameter views off 16 bytes; CPU kernels do not (aligned_param_groups)."""
+    return world.device.type == "cuda"
+
+
+def build_engine(cfg: Config, world: distributed.World, joints: list[str], minutes, log=print,
+                 load_universal: bool = False):
     """The model (from train.init_from's weights when set), its optimizer and learning-rate schedule (over
-    `minutes()` when the budget is in time), in DeepSpeed's engine; parameters 16-byte aligned on a GPU
-    (`aligned_param_groups`) unless `align_views` says otherwise."""
+    `minutes()` when the budget is in time), in DeepSpeed's engine; parameters 16-byte aligned where
+    `views_need_alignment`. `load_universal`: the run resumes a checkpoint of another number of ranks."""
     import deepspeed
 
     model = build_model(cfg.model, len(joints), cfg.data.input_size)
     if cfg.train.init_from:  # fine-tuning: trained weights, but a new optimizer, schedule and run
         log(init_from(model, cfg.train.init_from, list(joints)))
-    if align_views is None:
-        align_views = world.device.type == "cuda"
-    optimizer = make_optimizer(cfg, model.parameters(), align_views)
+    optimizer = make_optimizer(cfg, model.parameters(), views_need_alignment(world))
     # the GPU this rank uses (distributed.gpu_index), not DeepSpeed's default cuda:LOCAL_RANK, which
     # does not exist where a site binds one GPU to each task
     device_rank = argparse.Namespace(device_rank=world.device.index) if world.device.type == "cuda" else None
@@ -244,9 +272,7 @@ def compile_engine(engine, log=print) -> None:
     keys all start with `_orig_mod.`. Both checked on the CPU with ZeRO 1, 2 and 3: first losses as eager's.
     Inductor's cache defaults to /tmp/torchinductor_USER, lost with the node; a folder that survives runs
     turns the next run's minutes of compiling into seconds (TORCHINDUCTOR_CACHE_DIR, when set, wins)."""
-    import os
-
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # 2.4 s to import: only when compiling
 
     # torch writes its default into the variable the first time it reads it (by now the trainer's start-up
     # has): that value is not the user's choice
@@ -258,18 +284,18 @@ def compile_engine(engine, log=print) -> None:
         f"inductor cache {cache}")
 
 
-def training_batches(cfg: Config, train: ShardSet, extra: list[ShardSet], micro_batch: int, world: distributed.World,
-                     dali_device: int | None, log) -> MixedBatches:
-    """data.train_shards alone, or mixed with data.extra_sets by weight in every micro-batch."""
-    d = cfg.data
-    sets = [(train, d.train_weight, None)] + [(s, x.weight, x) for s, x in zip(extra, d.extra_sets)]
+def training_batches(cfg: Config, shards: RunShards, micro_batch: int, world: distributed.World, log) -> MixedBatches:
+    """data.train_shards alone, or mixed with data.extra_sets by weight in every micro-batch; DALI on the
+    rank's GPU when it has one."""
+    d, train = cfg.data, shards.train
+    sets = [(train, d.train_weight, None)] + [(s, x.weight, x) for s, x in zip(shards.extra, d.extra_sets)]
     sizes = mix_sizes(micro_batch, [w for _, w, _ in sets]) if len(sets) > 1 else [micro_batch]
-    streams, maps = [], []
-    for k, ((shards, _, extra_set), size) in enumerate(zip(sets, sizes)):
+    streams, maps, device_index = [], [], distributed.device_index(world)
+    for k, ((shard_set, _, extra_set), size) in enumerate(zip(sets, sizes)):
         # each set its own seed: the same seed would draw the same augmentations for every set
         data = dataclasses.replace(d, seed=d.seed + 1000 * k) if k else d
-        streams.append(TrainBatches(shards, data, size, world.rank, world.size, dali_device, log=log))
-        maps.append(joint_map(train.joints, shards.joints, extra_set.joints, f"data.extra_sets[{k - 1}]")
+        streams.append(TrainBatches(shard_set, data, size, (world.rank, world.size), device_index, log=log))
+        maps.append(joint_map(train.joints, shard_set.joints, extra_set.joints, f"data.extra_sets[{k - 1}]")
                     if extra_set else None)
     if len(sets) > 1:
         log("mixing " + ", ".join(f"{n} of {s.dataset} ({s.root})" for (s, _, _), n in zip(sets, sizes))
@@ -330,69 +356,72 @@ class Trainer:
                                 self.world.is_main)
         self.log = self.folder.log  # rank 0's line on stdout and in train.log
         self.signals = StopSignals(self.log)  # early: a signal during start-up is acted on after the first step
-        self.checkpointer = Checkpointer(self.folder.path / "checkpoints", cfg.train.keep_checkpoints, self.world)
-        resume_tag = self.checkpointer.resume_tag(cfg.train.resume)  # train.resume=never|require fail here
+        checkpoints = self.folder.path / "checkpoints"
+        resume_tag = find_resume_tag(checkpoints, cfg.train.resume, self.world)  # train.resume=never|require fail here
 
-        self.train_shards, self.val_shards, self.extra_shards = open_shards(cfg)
+        self.shards = open_shards(cfg)
         if self.world.is_main:  # before anything is written: a second run of this name fails here, naming the holder
             self.folder.lock()
-        self.flip_perm = self.train_shards.flip_permutation()
+        self.flip_perm = self.shards.train.flip_permutation()
+        self.emphasis = LossEmphasis(cfg.train.loss_fg_weight, cfg.train.loss_twin_weight, self.flip_perm)
         self.minutes = 0.0  # training minutes spent, as all ranks agreed at the last step (decide_stop)
-        written_by = self.checkpointer.written_by(resume_tag) if resume_tag else None
-        self.engine, self.scheduler = build_engine(cfg, self.world, self.train_shards.joints, lambda: self.minutes,
-                                                   log=self.log, load_universal=written_by not in (None, self.world.size)
+        ranks_before = written_by(checkpoints, resume_tag) if resume_tag else None
+        self.engine, self.scheduler = build_engine(cfg, self.world, self.shards.train.joints, lambda: self.minutes,
+                                                   log=self.log, load_universal=ranks_before not in (None, self.world.size)
                                                    and cfg.train.zero_stage > 0)
         self.strides = self.engine.module.strides
         self.ema = WeightAverage(self.engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.dali_device = distributed.device_index(self.world)
-        self.batches = training_batches(cfg, self.train_shards, self.extra_shards, self.micro_batch, self.world,
-                                        self.dali_device, self.log)
+        self.batches = training_batches(cfg, self.shards, self.micro_batch, self.world, self.log)
         self.stopper = ConvergenceStop(cfg.stop)
+        self.random_states = RandomStates(self.world)
         self.step = 0  # optimizer steps done; always engine.global_steps
         self.seconds_before = 0.0  # training seconds of earlier attempts of this run (resumed)
         self.t_start: float | None = None  # when this attempt's loop started
         self.meter = Meter()
         self.elastic_resumes: list[str] = []  # one line per resume on other ranks or micro-batch: not bit-exact
-        resumed = self.checkpointer.load(self.engine, resume_tag) if resume_tag else None
+        self.checkpointer = Checkpointer(checkpoints, self.world, cfg.train, self.engine,
+                                         states={"trainer": self, "data": self.batches, "stopper": self.stopper,
+                                                 "rng": self.random_states, "ema": self.ema},
+                                         record=ModelRecord.of(cfg, self.shards.train))
+        resumed = by_name(self.checkpointer.load(resume_tag)) if resume_tag else None
         if resumed:
             self.load_state_dict(resumed, resume_tag)  # a refused resume stops here, the run dir untouched
-        self.tracker = open_tracking(cfg, self.folder, self.world, resumed, self.train_shards, self.extra_shards,
-                                     self.val_shards)
+        self.tracker = open_tracking(cfg, self.folder, self.world, resumed, self.shards)
         self.folder.notes = [f"elastic resume at {line}" for line in self.elastic_resumes]
         if resumed and self.elastic_resumes and self.elastic_resumes[-1].startswith(f"step {self.step}:"):
             self.log(f"elastic resume at {self.elastic_resumes[-1]}")
             self.tracker.set_tags({f"elastic_resume/step_{self.step}": self.elastic_resumes[-1]})
-        self.validation = Validation(self.val_shards, cfg, max(32, self.micro_batch), self.world, self.dali_device,
-                                     self.tracker, self.log) if self.val_shards else None
+        self.validation = Validation(self.shards.val, cfg, max(32, self.micro_batch), self.world, self.tracker,
+                                     self.log) if self.shards.val else None
         for line in (self.world.device_note, precision_note):
             self.log(line)
         self.log(f"run {self.folder.path.name}: {self.world.describe()}, "
-                 f"{self.train_shards.num_samples} training samples, batch {self.global_batch} = "
+                 f"{self.shards.train.num_samples} training samples, batch {self.global_batch} = "
                  f"{self.micro_batch} x {self.accum} accumulation x {self.world.size} rank(s), "
                  f"{'resumed at step %d' % self.step if resumed else 'new run'}")
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The trainer's part of a checkpoint (DeepSpeed adds weights, optimizer and scheduler). Called
-        by every rank: the RNG states of all ranks are gathered, as DeepSpeed keeps rank 0's copy."""
-        return {"step": self.step, **self.batches.state_dict(), "seconds": self.seconds(),
-                "world_size": self.world.size, "micro_batch": self.micro_batch, "global_batch": self.global_batch,
-                "elastic_resumes": self.elastic_resumes,
-                "data_seed": self.cfg.data.seed, "stopper": self.stopper.state_dict(),
-                "train_manifest": manifest_digest(self.train_shards),
-                "mlflow_run_id": self.tracker.run_id, "rng": distributed.gather_objects(rng_state(), self.world)}
+        """The trainer's own part of a checkpoint (the Checkpointer holds the rest: the engine's, the data
+        position, the stop rule, every rank's RNG, the weight average): the training time, the batch layout
+        and what a resume must match."""
+        return {"seconds": self.seconds(), "world_size": self.world.size, "micro_batch": self.micro_batch,
+                "global_batch": self.global_batch, "elastic_resumes": self.elastic_resumes,
+                "data_seed": self.cfg.data.seed, "train_manifest": manifest_digest(self.shards.train),
+                "mlflow_run_id": self.tracker.run_id}
 
     def load_state_dict(self, state: dict, tag: str) -> None:
-        """Continues the checkpoint's run: exactly with the ranks and micro-batch it was written with;
-        elastically with others (`elastic_resume`)."""
-        check_exact_resume(state, data_seed=self.cfg.data.seed)
-        elastic = (state["world_size"], state["micro_batch"]) != (self.world.size, self.micro_batch)
-        if elastic and "batch_size" not in state:
-            raise ConfigError(f"checkpoint {tag} predates elastic resume: resume it with {state['world_size']} "
-                              f"rank(s) and train.micro_batch={state['micro_batch']}")
+        """Continues the checkpoint's run (`state`: its client_state, by_name): exactly with the ranks and
+        micro-batch it was written with; elastically with others (`elastic_resume`)."""
+        mine = state["trainer"]
+        check_exact_resume(mine, data_seed=self.cfg.data.seed)
+        elastic = (mine["world_size"], mine["micro_batch"]) != (self.world.size, self.micro_batch)
+        if elastic and "batch_size" not in state["data"]:
+            raise ConfigError(f"checkpoint {tag} predates elastic resume: resume it with {mine['world_size']} "
+                              f"rank(s) and train.micro_batch={mine['micro_batch']}")
         meta = json.loads((self.checkpointer.dir / tag / META).read_text())
-        check_same_recipe(config_from_yaml(meta["config"], f"{tag}/{META}"), self.cfg, state.get("train_manifest"),
-                          manifest_digest(self.train_shards))
+        check_same_recipe(config_from_yaml(meta["config"], f"{tag}/{META}"), self.cfg, mine.get("train_manifest"),
+                          manifest_digest(self.shards.train))
         if self.ema is not None:
             averaged = self.checkpointer.load_tensors(tag, "ema")
             if averaged is None:
@@ -400,22 +429,23 @@ class Trainer:
                                   f"average: resume with the run's own train.ema_decay, or start a new run")
             self.ema.load_state_dict(averaged)
         self.step = state["step"]
-        data_notes = self.batches.load_state_dict(state)
-        self.seconds_before = state.get("seconds", 0.0)
+        data_notes = self.batches.load_state_dict(state["data"])
+        self.seconds_before = mine.get("seconds", 0.0)
         self.minutes = self.seconds_before / 60
         self.stopper.load_state_dict(state["stopper"])
-        self.elastic_resumes = list(state.get("elastic_resumes", []))
+        self.elastic_resumes = list(mine.get("elastic_resumes", []))
         if elastic:
-            self.elastic_resume(state, tag, data_notes)
+            self.elastic_resume(mine, tag, data_notes)
         else:
-            set_rng_state(state["rng"][self.world.rank])
+            self.random_states.load_state_dict(state["rng"])
 
     def elastic_resume(self, state: dict, tag: str, data_notes: list[str]) -> None:
         """A resume on another number of ranks or micro-batch: the weights, optimizer state (resharded by
         Checkpointer.load), schedule (from the global step), weight average and stop rule continue; the data
         position is re-derived from the samples seen (data.TrainBatches.load_state_dict) and every rank's
         RNG is seeded afresh, from the data seed, its rank and the step. So the run continues, but not as
-        the uninterrupted run would have: the line recorded says so (train.log, MLflow, summary.txt)."""
+        the uninterrupted run would have: the line recorded says so (train.log, MLflow, summary.txt).
+        `state`: the trainer's part of the checkpoint."""
         seed_everything(self.cfg.data.seed + self.world.rank + 7919 * self.step)
         old = f"{state['world_size']} rank(s) x micro-batch {state['micro_batch']}"
         self.elastic_resumes.append(
@@ -444,7 +474,7 @@ class Trainer:
                     self.ema.update(self.engine.module)
             pending.append(torch.cat([total[None], per_module]))
             evaluate = bool(t.eval_every) and self.step % t.eval_every == 0
-            checkpoint = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+            checkpoint = self.checkpointer.due(self.step)
             if not (self.step % t.log_every == 0 or evaluate or checkpoint or self.step >= stop.max_steps
                     or (stop.max_epochs and self.batches.epoch >= stop.max_epochs)):
                 continue  # no host sync between decisions: a GPU runs ahead (train.log_every)
@@ -471,9 +501,7 @@ class Trainer:
                                                           self.cfg.data.sigma, self.cfg.train.channels_last)
             with phase("forward"):
                 predictions = self.engine(x)
-                loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides,
-                                                self.cfg.train.loss_fg_weight, self.cfg.train.loss_twin_weight,
-                                                self.flip_perm)
+                loss, per_module = cascade_loss(predictions, heatmaps, weights, self.strides, self.emphasis)
             with phase("backward"):  # DeepSpeed's gradient reduction runs in its backward hooks
                 self.engine.backward(loss)
             with phase("step"):  # gradient clipping, the optimizer, ZeRO's all-gather of the updated weights
@@ -521,16 +549,8 @@ class Trainer:
         return self.validation.run(evaluated_model(self.engine.module, self.ema, self.world), self.step,
                                    self.minutes, final) if self.validation else None
 
-    def save_checkpoint(self):
-        if self.checkpointer.saved_step == self.step:  # e.g. checkpoint_every fell on the last step
-            return self.checkpointer.last_saved
-        meta = checkpoint_meta(self.step, self.engine.global_steps, self.batches, self.world.size, self.cfg, self.folder,
-                               self.train_shards)
-        tensors = {"weights": full_state_dict(self.engine.module, self.cfg.train.zero_stage)}
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
-        saved = self.checkpointer.save(self.engine, self.step, self.state_dict(), meta if self.world.is_main else None,
-                                       tensors if self.world.is_main else None)
+    def save_checkpoint(self) -> Path:
+        saved = self.checkpointer.save(self.step)
         self.tracker.flush()  # the store then holds at least every step up to the checkpoint
         return saved
 
@@ -552,21 +572,11 @@ class Trainer:
         weights = export_zero_checkpoint(checkpoint, self.folder.path / WEIGHTS_FILE) if self.world.is_main else None
         metrics = self.evaluate(final=True)
         if self.world.is_main:
-            publish_run(self.cfg, self.folder, self.tracker, metrics, checkpoint, weights, reason, self.step, seconds,
-                        len(self.strides))
+            end = RunEnd(reason, self.step, seconds, checkpoint, weights)
+            publish_run(self.cfg, self.folder, self.tracker, metrics, end, len(self.strides))
         self.tracker.finish()
         distributed.barrier(self.world)  # together: launchers end the others once one exits; rank 0 was publishing
         return 0
-
-
-def checkpoint_meta(step: int, engine_steps: int, batches, world_size: int, cfg: Config, folder: RunFolder,
-                    shards: ShardSet) -> dict:
-    """A checkpoint's meta.json, for people and for `mshg export`/`predict`: where training stood, the
-    config that ran, the joints and skeleton the weights predict."""
-    return {"step": step, "engine_steps": engine_steps, "micro_batches": batches.drawn, "epoch": batches.epoch,
-            "position": batches.position, "world_size": world_size, "zero_stage": cfg.train.zero_stage,
-            "config": (folder.path / CONFIG_FILE).read_text(), "joints": shards.joints,
-            "flip_pairs": shards.flip_pairs, "skeleton": shards.skeleton}
 
 
 def step_line(step: int, losses: list[float], metrics: dict[str, float]) -> str:
@@ -577,17 +587,19 @@ def step_line(step: int, losses: list[float], metrics: dict[str, float]) -> str:
             f"stages [{stages}] {metrics['images_per_s']:.1f} img/s {metrics['minutes']:.1f} min; time: {times}")
 
 
-def open_tracking(cfg: Config, folder: RunFolder, world: distributed.World, resumed: dict | None, train: ShardSet,
-                  extra: list[ShardSet], val: ShardSet | None) -> Tracker:
-    """The run's MLflow run (rank 0; a tracker that does nothing elsewhere): a resumed run continues its
-    own; a new one is tagged and gets its dataset inputs, params, config.yaml and DeepSpeed config."""
+def open_tracking(cfg: Config, folder: RunFolder, world: distributed.World, resumed: dict | None,
+                  shards: RunShards) -> Tracker:
+    """The run's MLflow run (rank 0; a tracker that does nothing elsewhere): a resumed run (`resumed`: its
+    checkpoint's client_state) continues its own; a new one is tagged and gets its dataset inputs, params,
+    config.yaml and DeepSpeed config."""
     config_file = folder.save_config(cfg) if world.is_main else None
-    tags = {"dataset": "+".join(s.dataset for s in [train, *extra]), "config": cfg.name,
+    trained_on = [shards.train, *shards.extra]
+    tags = {"dataset": "+".join(s.dataset for s in trained_on), "config": cfg.name,
             "zero_stage": cfg.train.zero_stage, "world_size": world.size}
     tracker = Tracker(world.is_main, cfg.train.experiment, folder.path.name,
-                      run_id=resumed.get("mlflow_run_id") if resumed else None, tags=tags)
+                      run_id=resumed["trainer"].get("mlflow_run_id") if resumed else None, tags=tags)
     if not resumed:
-        tracker.log_run_inputs([(s, "train") for s in [train, *extra]] + ([(val, "val")] if val else []),
+        tracker.log_run_inputs([(s, "train") for s in trained_on] + ([(shards.val, "val")] if shards.val else []),
                                flatten(to_dict(cfg)), config_file, deepspeed_config(cfg, world.size))
     return tracker
 
@@ -602,40 +614,35 @@ def evaluated_model(model: torch.nn.Module, ema, world: distributed.World) -> to
     return model
 
 
-def publish_run(cfg: Config, folder: RunFolder, tracker: Tracker, metrics: dict | None, checkpoint, weights,
-                reason: str, step: int, seconds: float, stages: int) -> None:
+def publish_run(cfg: Config, folder: RunFolder, tracker: Tracker, metrics: dict | None, end: RunEnd,
+                stages: int) -> None:
     """Rank 0, at a finished run's end: the final metric, train.log and the stage-loss plot to MLflow,
     summary.txt and its lines on stdout, then the MLflow model (last: the results are out already)."""
     if metrics:
-        tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, step)
+        tracker.log_metrics({f"final/{metrics['metric']}": metrics["value"]}, end.step)
     tracker.log_artifact(folder.log_file)
     tracker.log_loss_curves(stages)
-    print(folder.write_summary(headline(metrics) if metrics else None, checkpoint, weights, reason, step,
-                               tracker.run_id, tracker.ui_command(), seconds), flush=True)
-    if weights and cfg.train.log_model:  # bounded: the run's end must not hang in the export (docs/gpu.md)
-        model, _, meta = load_trained(weights)
-        if not within(cfg.train.log_model_timeout, log_final_model, tracker, model, cfg.data.input_size,
-                      meta["joints"], meta["flip_pairs"]):
+    print(folder.write_summary(headline(metrics) if metrics else None, end, tracker.run_id, tracker.ui_command()),
+          flush=True)
+    if end.weights and cfg.train.log_model:  # bounded: the run's end must not hang in the export (docs/gpu.md)
+        model, record = load_trained(end.weights)
+        if not within(cfg.train.log_model_timeout, log_final_model, tracker, model, record):
             warn(log_model_timed_out(cfg.train.log_model_timeout))
 
 
-def log_final_model(tracker: Tracker, model: torch.nn.Module, input_size: int, joints: list[str],
-                    flip_pairs: list[list[int]]) -> None:
+def log_final_model(tracker: Tracker, model: torch.nn.Module, record: ModelRecord) -> None:
     """The final model to MLflow: exported to ONNX here (a model that cannot be exported is a warning, not a
-    failed run), then the tracker logs the file and the model (last-module heatmaps) with its metadata."""
+    failed run), then the tracker logs the file and the model (last-module heatmaps) with its record."""
     if not tracker.recording:
         return
     model = model.float().cpu().eval()
-    stride = int(model.strides[-1])
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            onnx_file = export_model_onnx(model, input_size, Path(tmp) / "model.onnx",
-                                          onnx_metadata(joints, flip_pairs, input_size, stride))
+            onnx_file = export_model_onnx(model, record.input_size, Path(tmp) / "model.onnx", onnx_metadata(record))
         except Exception as e:
             warn(f"ONNX export failed ({type(e).__name__}: {e}); the run has no onnx/model.onnx")
             onnx_file = None
-        tracker.log_model(HeatmapModel(model).eval(), onnx_file, input_size,
-                          {"joints": joints, "flip_pairs": flip_pairs, "input_size": input_size, "stride": stride})
+        tracker.log_model(HeatmapModel(model).eval(), onnx_file, record)
 
 
 def log_model_timed_out(seconds: float) -> str:

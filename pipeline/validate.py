@@ -17,8 +17,8 @@ class Validation:
     """The learning curve is measured at one scale: each of eval.scales is another pass over the validation
     set, on the training clock. The final evaluation adds one with eval.scales, as `mshg evaluate` makes it."""
 
-    def __init__(self, shards, cfg, batch_size: int, world, device_id: int | None, tracker, log):
-        self.shards, self.cfg, self.batch_size, self.world, self.device_id = shards, cfg, batch_size, world, device_id
+    def __init__(self, shards, cfg, batch_size: int, world, tracker, log):
+        self.shards, self.cfg, self.batch_size, self.world = shards, cfg, batch_size, world
         self.curve_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=[1.0]))
         self.tracker, self.log = tracker, log
         self.metric = metric_for(shards)
@@ -31,14 +31,14 @@ class Validation:
 
     def run(self, model: torch.nn.Module, step: int, minutes: float, final: bool = False) -> dict | None:
         """The metrics on rank 0 (the final run's: with eval.scales), None on the other ranks."""
-        merged = evaluate_shards(model, self.shards, self.curve_cfg, self.batch_size, self.world, self.device_id)
+        merged = evaluate_shards(model, self.shards, self.curve_cfg, self.batch_size, self.world)
         metrics = self.report(merged, "")
         if merged is not None:
             self.tracker.log_metrics({**self.metric.tracked(metrics), "minutes": minutes}, step)
             self.tracker.log_image(prediction_grid(merged, skeleton=self.shards.skeleton),
                                    f"predictions/step_{step:06d}.png")
         if final and self.cfg.eval.scales != [1.0]:
-            merged = evaluate_shards(model, self.shards, self.cfg, self.batch_size, self.world, self.device_id)
+            merged = evaluate_shards(model, self.shards, self.cfg, self.batch_size, self.world)
             metrics = self.report(merged, f"with the multi-scale test (eval.scales {self.cfg.eval.scales}): ")
         return metrics
 

@@ -1,8 +1,8 @@
 """Trained weights as one safetensors file that carries what is needed to use them.
 
-`runs/NAME/model.safetensors` holds the fp32 state dict and, in its metadata, the resolved config
-(YAML) and the joint names and flip pairs of the dataset it was trained on. safetensors never
-unpickles, so a downloaded file cannot run code.
+`runs/NAME/model.safetensors` holds the fp32 state dict and, as its metadata, the model record
+(pipeline.model_record: the resolved config, the joints, flip pairs and skeleton of the dataset it was
+trained on, the input size and stride). safetensors never unpickles, so a downloaded file cannot run code.
 
 Shipped models lie in pipeline/pretrained/ (NAME.safetensors, its model card NAME.md beside it):
 `mshg predict` uses DEFAULT_MODEL when given no checkpoint, and `train.init_from=NAME` fine-tunes one.
@@ -13,13 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline.checkpoint import META, resolve_checkpoint
-from pipeline.config import Config, config_from_yaml
 from pipeline.model import build_model
-from shards.datasets import skeleton_for
+from pipeline.model_record import ModelRecord
 
 WEIGHTS_FILE = "model.safetensors"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -31,16 +29,14 @@ def shipped_models() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PRETRAINED_DIR.glob("*.safetensors"))}
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Config, joints: list[str],
-                 flip_pairs: list[list[int]], skeleton: list[list[int]] | None = None,
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, record: ModelRecord,
                  dtype: torch.dtype = torch.float32, card: dict | None = None) -> Path:
-    """The weights (floating tensors as `dtype`: fp16 halves a shipped model) and their metadata; `card`: the
-    headline figures `mshg models` prints."""
+    """The weights (floating tensors as `dtype`: fp16 halves a shipped model) and their model record as
+    metadata; `card`: the headline figures `mshg models` prints."""
     path = Path(path)
     tensors = {k: v.detach().to(dtype).contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
                for k, v in state_dict.items()}
-    meta = {"config": OmegaConf.to_yaml(OmegaConf.structured(cfg)), "joints": json.dumps(joints),
-            "flip_pairs": json.dumps(flip_pairs), "skeleton": json.dumps(skeleton or [])}
+    meta = record.metadata()
     if card:
         meta["card"] = json.dumps(card)
     tmp = path.with_suffix(".tmp")
@@ -67,42 +63,41 @@ def resolve(checkpoint: str | Path | None) -> Path:
     return p
 
 
-def describe_shipped(path: Path) -> str:
-    """One line from a shipped model's metadata: joints, input size, what it was trained on and how it scores."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    cfg = config_from_yaml(meta["config"], source=str(path))
-    card = json.loads(meta.get("card") or "{}")
-    return (f"{len(json.loads(meta['joints']))} joints, input {cfg.data.input_size} px, {path.stat().st_size / 1e6:.1f} MB; "
-            + "; ".join(f"{k}: {v}" for k, v in card.items()))
-
-
-def read_weights(checkpoint: str | Path | None, device: str | torch.device = "cpu"):
-    """-> (state dict in fp32, config, joints, metadata) of a shipped name, run folder or weights file; checked."""
-    path = resolve(checkpoint)
+def metadata_of(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # safetensors' own error type: a file that is not safetensors at all
         raise ValueError(f"{path}: not a safetensors weights file ({e}); give a run directory or the "
                          f"model.safetensors that `mshg train` or `mshg export` wrote") from None
-    if "config" not in meta or "joints" not in meta:
-        raise ValueError(f"{path}: not an mshg weights file (metadata lacks config/joints)")
-    cfg = config_from_yaml(meta["config"], source=str(path))
+
+
+def describe_shipped(path: Path) -> str:
+    """One line from a shipped model's metadata: joints, input size, what it was trained on and how it scores."""
+    meta = metadata_of(path)
+    record = ModelRecord.read(meta, str(path))
+    card = json.loads(meta.get("card") or "{}")
+    return (f"{len(record.joints)} joints, input {record.input_size} px, {path.stat().st_size / 1e6:.1f} MB; "
+            + "; ".join(f"{k}: {v}" for k, v in card.items()))
+
+
+def read_weights(checkpoint: str | Path | None, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], ModelRecord]:
+    """-> (state dict in fp32, model record) of a shipped name, run folder or weights file; checked."""
+    path = resolve(checkpoint)
+    record = ModelRecord.read(metadata_of(path), str(path))
     # shipped models are stored in fp16 (half the download); the model always runs on fp32 weights
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()}
-    return state, cfg, json.loads(meta["joints"]), meta
+    return state, record
 
 
-def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """-> (model in eval mode, config, {"joints": [...], "flip_pairs": [...], "skeleton": [...], "source": path})"""
-    state, cfg, joints, meta = read_weights(checkpoint, device)
-    model = build_model(cfg.model, len(joints), cfg.data.input_size)
+def load_trained(checkpoint: str | Path | None, device: str | torch.device = "cpu"
+                 ) -> tuple[torch.nn.Module, ModelRecord]:
+    """-> (model in eval mode, its record) of a shipped name, run folder or weights file."""
+    state, record = read_weights(checkpoint, device)
+    model = build_model(record.config.model, len(record.joints), record.input_size)
     model.load_state_dict(state)
-    model.to(device).eval()
-    skeleton = json.loads(meta.get("skeleton") or "[]") or skeleton_for(len(joints))
-    return model, cfg, {"joints": joints, "flip_pairs": json.loads(meta["flip_pairs"]), "skeleton": skeleton,
-                        "source": str(resolve(checkpoint))}
+    return model.to(device).eval(), record
 
 
 # the parameters whose size is the number of joints: each heatmap head's rows, each merge conv's input columns
@@ -118,7 +113,8 @@ def init_from(model: torch.nn.Module, source: str, joints: list[str]) -> str:
     heads predict `joints`. Joints are matched by name; a joint the weights do not know keeps its fresh head
     (and merge column). Every other tensor must have the same shape: a different architecture or input size is
     refused naming the first layer that differs. -> a line saying what was matched."""
-    state, _, old_joints, _ = read_weights(source)
+    state, trained = read_weights(source)
+    old_joints = trained.joints
     index = [old_joints.index(j) if j in old_joints else None for j in joints]
     own = model.state_dict()
     for key, mine in own.items():
@@ -166,8 +162,7 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     meta_path = directory / tag / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing (a checkpoint written by pipeline.train has it)")
-    meta = json.loads(meta_path.read_text())
-    cfg = config_from_yaml(meta["config"], source=str(meta_path))
+    record = ModelRecord.read(json.loads(meta_path.read_text()), str(meta_path))
     source = next((directory / tag / f for f in ("ema.safetensors", "weights.safetensors")
                    if (directory / tag / f).is_file()), None)
     if source is None:
@@ -177,17 +172,16 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         state = {k: v for k, v in load_file(str(source)).items() if k != "n_averaged"}
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise ValueError(f"{source}: not a readable safetensors file ({e})") from None
-    expected = build_model(cfg.model, len(meta["joints"]), cfg.data.input_size).state_dict()
+    expected = build_model(record.config.model, len(record.joints), record.input_size).state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{directory / tag}: does not match the model of its config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return save_weights(state, out, cfg, meta["joints"], meta["flip_pairs"], meta.get("skeleton"))
+    return save_weights(state, out, record)
 
 
 def ship_model(run: str | Path, name: str, card: dict) -> Path:
     """A run's trained weights -> pipeline/pretrained/NAME.safetensors in fp16 with the card's headline figures
     (the model card NAME.md beside it is written by hand). How the shipped model was made: its card."""
-    state, cfg, joints, meta = read_weights(run)
-    return save_weights(state, PRETRAINED_DIR / f"{name}.safetensors", cfg, joints, json.loads(meta["flip_pairs"]),
-                        json.loads(meta.get("skeleton") or "[]"), dtype=torch.float16, card=card)
+    state, record = read_weights(run)
+    return save_weights(state, PRETRAINED_DIR / f"{name}.safetensors", record, dtype=torch.float16, card=card)

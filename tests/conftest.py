@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.cli import main as mshg
 from tests.helpers import (LSP_JOINTS, LSP_PAIRS, REPO, SAMPLE, SHARED_DATA,  # noqa: F401  (imported from here too)
-                           mlflow_store, mlflow_store_template)
+                           lsp_record, mlflow_store, mlflow_store_template)
 
 
 # `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup), and each worker builds its own
@@ -48,8 +48,7 @@ def weights(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = load_config(None, ["name=tiny", "model.channels=16", "data.input_size=64"])
     model = build_model(cfg.model, 14, 64)
-    return save_weights(model.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors", cfg,
-                        LSP_JOINTS, LSP_PAIRS)
+    return save_weights(model.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors", lsp_record(cfg))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,14 @@ LSP_JOINTS = ["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee",
 LSP_PAIRS = [[0, 5], [1, 4], [2, 3], [6, 11], [7, 10], [8, 9]]
 
 
+def lsp_record(cfg):
+    """The model record of a model of `cfg` that predicts the LSP joints (what a run on LSP shards writes)."""
+    from pipeline.model_record import ModelRecord
+    from shards.datasets import skeleton_for
+
+    return ModelRecord(cfg, LSP_JOINTS, LSP_PAIRS, [list(p) for p in skeleton_for(14)])
+
+
 def free_port() -> int:
     """A port the kernel just handed out (fixed ports collide when two test runs share a machine)."""
     with socket.socket() as s:

@@ -251,7 +251,7 @@ def test_a_slow_model_export_ends_the_run_after_train_log_model_timeout(weights,
     import time
 
     from pipeline import train
-    from pipeline.run_folder import SUMMARY_FILE, RunFolder
+    from pipeline.run_folder import SUMMARY_FILE, RunEnd, RunFolder
 
     exported = []
 
@@ -269,7 +269,7 @@ def test_a_slow_model_export_ends_the_run_after_train_log_model_timeout(weights,
     cfg = load_config(None, ["data.input_size=64", "train.log_model_timeout=0.5"])
     start = time.monotonic()
     with pytest.warns(UserWarning, match=r"did not finish within train.log_model_timeout=0.5 s"):
-        train.publish_run(cfg, folder, tracker, None, tmp_path / "ckpt", weights, "max_steps", 6, 1.0, 3)
+        train.publish_run(cfg, folder, tracker, None, RunEnd("max_steps", 6, 1.0, tmp_path / "ckpt", weights), 3)
     assert time.monotonic() - start < 20  # not the export's 60 s
     assert exported == ["started"] and (folder.path / SUMMARY_FILE).is_file()  # the summary came first
     assert "stopped at step 6" in capsys.readouterr().out

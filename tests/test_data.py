@@ -32,7 +32,7 @@ FIXED = dict(color_jitter=0.0, num_threads=1)  # colour off where pixels are com
 
 
 def read_all(shards, cfg, train, rank=0, world=1, batch=8, epochs=1):
-    loader = build_loader(shards, cfg, batch, train, rank, world)
+    loader = build_loader(shards, cfg, batch, train, (rank, world))
     return [[unpack(b, torch.device("cpu")) for b in loader] for _ in range(epochs)] if epochs > 1 else \
         [unpack(b, torch.device("cpu")) for b in loader]
 
@@ -187,7 +187,7 @@ def test_two_ranks_cover_every_sample_once_per_epoch_shuffled_and_a_seed_repeats
     for first, second in zip(runs[0][0] + runs[0][1], again[0] + again[1]):
         for key in ("sample_id", "keypoints", "flip", "matrix", "image"):
             assert torch.equal(first[key], second[key]), key
-    resumed = build_loader(shards, cfg, 4, True, 0, 2)
+    resumed = build_loader(shards, cfg, 4, True, (0, 2))
     resumed.skip(4)  # one epoch (3 batches) and one batch: the rest of epoch 2 is what the first run had
     rest = [unpack(b, torch.device("cpu")) for b in resumed]
     assert resumed.batches_done == 6 and len(rest) == 2

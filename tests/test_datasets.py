@@ -179,7 +179,7 @@ def test_mixed_batches_map_joints_and_leave_the_rest_unlabelled(lspet_shards, mp
     assert joint_map(lsp.joints, [j for j in mp.joints if j != "head_top"], {}, "test")[lsp.joints.index("head_top")] == -1
     no_head = list(m)
     no_head[lsp.joints.index("head_top")] = -1  # as for a set without a head-top joint
-    mixed = MixedBatches([TrainBatches(lsp, cfg, 3, 0, 1, None), TrainBatches(mp, cfg, 1, 0, 1, None)],
+    mixed = MixedBatches([TrainBatches(lsp, cfg, 3), TrainBatches(mp, cfg, 1)],
                          [None, no_head], torch.device("cpu"))
     batch = mixed.next()
     assert batch["keypoints"].shape == (4, 14, 3) and batch["image"].shape[0] == 4

@@ -89,21 +89,21 @@ def test_one_rank_resumed_on_two(stage, lspet_shards, tmp_path):
 def test_data_position_is_re_derived_from_the_samples_seen(lspet_shards):
     """32 samples drawn from epoch 2 by 2 ranks x 4 -> 1 rank x 8 stands at batch 4 of epoch 2; an exact
     resume (same ranks and batch) keeps the position and says nothing."""
-    two = TrainBatches(None, DataConfig(), batch_size=4, rank=0, world_size=2, device_id=None)
+    two = TrainBatches(None, DataConfig(), batch_size=4, part=(0, 2))
     two.epoch, two.position, two.drawn = 2, 4, 28
     state = two.state_dict()
 
-    exact = TrainBatches(None, DataConfig(), batch_size=4, rank=1, world_size=2, device_id=None)
+    exact = TrainBatches(None, DataConfig(), batch_size=4, part=(1, 2))
     assert exact.load_state_dict(state) is None and (exact.epoch, exact.position, exact.drawn) == (2, 4, 28)
 
     class Shards:
         dataset = "lspet"
 
-    one = TrainBatches(Shards(), DataConfig(), batch_size=8, rank=0, world_size=1, device_id=None)
+    one = TrainBatches(Shards(), DataConfig(), batch_size=8, part=(0, 1))
     note = one.load_state_dict(state)
     assert (one.epoch, one.position, one.drawn) == (2, 4, 28)
     assert note == "lspet epoch 2: 32 samples drawn by 2 rank(s) x 4 -> position 4 of 1 rank(s) x 8"
-    three = TrainBatches(Shards(), DataConfig(), batch_size=2, rank=0, world_size=3, device_id=None)
+    three = TrainBatches(Shards(), DataConfig(), batch_size=2, part=(0, 3))
     three.load_state_dict(state)
     assert three.position == 5  # 32 // 6: the partial batch is drawn again
 

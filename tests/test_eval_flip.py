@@ -24,8 +24,7 @@ def test_evaluation_without_flip_is_the_model_on_the_crops_once(lspet_shards):
         seen.clear()
         loader = build_loader(shards, cfg.data, 8, False)
         cfg.eval.flip = flip
-        return evaluate_loader(model, loader, torch.device("cpu"), cfg.eval, shards.flip_permutation(),
-                               progress=False), list(seen)
+        return evaluate_loader(model, loader, cfg.eval, shards.flip_permutation(), progress=False), list(seen)
 
     plain, plain_inputs = evaluate(False)
     flipped, flipped_inputs = evaluate(True)

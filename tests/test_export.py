@@ -10,6 +10,7 @@ import torch
 from pipeline.cli import main as mshg
 from pipeline.inputs import to_model_input
 from pipeline.inference import crop, read_image
+from pipeline.model_record import ModelRecord
 from pipeline.weights import load_trained
 from tests.conftest import SAMPLE
 from tests.helpers import LSP_JOINTS
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):
     out = tmp_path / "model.onnx"
     assert mshg(["export", "--checkpoint", str(weights), "--onnx", str(out)]) == 0
-    model, cfg, meta = load_trained(weights)
-    size = cfg.data.input_size
+    model, record = load_trained(weights)
+    cfg, size = record.config, record.input_size
     crops = []
     for i in (161, 170, 185):
         image = read_image(str(SAMPLE / "images" / f"im{i:05d}.jpg"))
@@ -38,6 +39,7 @@ def test_onnx_heatmaps_match_pytorch_on_real_images(weights, tmp_path):
     props = session.get_modelmeta().custom_metadata_map
     assert json.loads(props["joints"]) == LSP_JOINTS and int(props["input_size"]) == size
     assert int(props["stride"]) == 8
+    assert ModelRecord.read(props, str(out)) == record  # the weights file's record, config and skeleton included
 
 
 def test_export_needs_something_to_do(weights, capsys):

@@ -8,7 +8,7 @@ from pipeline.config import load_config
 from pipeline.model import build_model
 from pipeline.weights import DEFAULT_MODEL, init_from, save_weights, shipped_models
 from shards.datasets import COCO_JOINTS, MPII_JOINTS
-from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO, find_run, metric_history, train
+from tests.helpers import LSP_JOINTS, REPO, find_run, lsp_record, metric_history, train
 
 TINY = ["name=tiny", "model.channels=16", "data.input_size=64"]
 
@@ -22,7 +22,7 @@ def lsp_weights(tmp_path):
         for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.uniform_(0.5, 1.5)
-    return save_weights(model.state_dict(), tmp_path / "lsp.safetensors", cfg, LSP_JOINTS, LSP_PAIRS), model
+    return save_weights(model.state_dict(), tmp_path / "lsp.safetensors", lsp_record(cfg)), model
 
 
 @pytest.mark.quick

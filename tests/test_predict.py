@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.cli import main as mshg
 from tests.conftest import SAMPLE
-from tests.helpers import LSP_JOINTS, LSP_PAIRS, REPO
+from tests.helpers import LSP_JOINTS, REPO
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
@@ -245,7 +245,6 @@ def test_jsonl_is_written_as_it_goes(weights, tmp_path):
 def test_boxes_match_inputs_as_paths_and_bad_boxes_are_reported(weights, tmp_path, monkeypatch, capsys):
     from pipeline.inference import FAST, predict_images, read_image
     from pipeline.weights import load_trained
-    from shards.format import flip_permutation
 
     monkeypatch.chdir(tmp_path)
     shutil.copy(photo(167), tmp_path / "name.jpg")
@@ -260,10 +259,9 @@ def test_boxes_match_inputs_as_paths_and_bad_boxes_are_reported(weights, tmp_pat
     kps = keypoints_of(tmp_path / "p.json")
     assert list(kps) == ["name.jpg", "zero.jpg"]
     # name.jpg's box was used: its crop's keypoints, which lie in the padded box
-    model, cfg, meta = load_trained(weights)
-    flip = flip_permutation(len(meta["joints"]), meta["flip_pairs"])
+    model, record = load_trained(weights)
     images = [read_image(str(tmp_path / n)) for n in ("name.jpg", "zero.jpg")]
-    expected = predict_images(model, cfg, images, [box, None], flip, FAST)
+    expected = predict_images(model, record.config, images, [box, None], record.flip_permutation(), FAST)
     np.testing.assert_allclose(kps["name.jpg"], expected[0], atol=1e-4)
     kp = kps["name.jpg"]
     side, cx, cy = 1.25 * max(box[2:]), box[0] + box[2] / 2, box[1] + box[3] / 2
@@ -287,7 +285,8 @@ def test_flip_test_changes_predictions_and_no_flip_is_the_plain_pass(weights, tm
         out = tmp_path / f"p{len(flag)}.json"
         assert predict(weights, "--out", str(out), "--boxes", str(boxes), "--scales", "1", *flag, image_path) == 0
         results[bool(flag)] = keypoints_of(out)[image_path]
-    model, cfg, _ = load_trained(weights)
+    model, record = load_trained(weights)
+    cfg = record.config
     c, m = crop(read_image(image_path), box, cfg.data.input_size, cfg.data.padding)
     kp = predict_crops(model, torch.from_numpy(c[None]), dark_kernel=cfg.eval.dark_kernel)
     xy = crop_to_original(kp[..., :2], torch.from_numpy(m[None]))[0].numpy()
@@ -329,20 +328,21 @@ def one_joint_weights(weights, tmp_path_factory):
     lifted: any crop's confident joints are that one joint alone."""
     from pipeline.weights import load_trained, save_weights
 
-    model, cfg, _ = load_trained(weights)
+    model, record = load_trained(weights)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for key in [k for k in state if k.endswith("heatmaps.weight")]:
         state[key][1:] = 0
         state[key.replace("weight", "bias")][1:] = 0
         state[key.replace("weight", "bias")][0] += 5
-    return save_weights(state, tmp_path_factory.mktemp("one-joint") / "model.safetensors", cfg, LSP_JOINTS, LSP_PAIRS)
+    return save_weights(state, tmp_path_factory.mktemp("one-joint") / "model.safetensors", record)
 
 
 def test_search_that_finds_one_joint_keeps_the_first_pass(one_joint_weights, tmp_path, capsys):
     from pipeline.inference import FAST, box_from_keypoints, first_pass_boxes, predict_batch, predict_images, read_image
     from pipeline.weights import load_trained
 
-    model, cfg, _ = load_trained(one_joint_weights)
+    model, record = load_trained(one_joint_weights)
+    cfg = record.config
     image = read_image(photo(171))
     first = predict_batch(model, cfg, [image] * (1 + 9 * len(FAST.windows)), first_pass_boxes(image, FAST.windows),
                           None, FAST.first_scales)
@@ -364,10 +364,9 @@ def test_bare_photo_passes_follow_the_box_rule(weights):
     crop with the highest mean peak. A boxed photo keeps its box, at the full test."""
     from pipeline import inference
     from pipeline.weights import load_trained
-    from shards.format import flip_permutation
 
-    model, cfg, meta = load_trained(weights)
-    flip = flip_permutation(len(meta["joints"]), meta["flip_pairs"])
+    model, record = load_trained(weights)
+    cfg, flip = record.config, record.flip_permutation()
     images = [inference.read_image(photo(i)) for i in (161, 162)]
     given = [10, 10, 100, 150]
     search = dataclasses.replace(inference.FAST, windows=(0.6,), keep=2, passes=3, grows=(1.6, 1.1))

@@ -296,7 +296,7 @@ def test_a_short_or_shared_checkpoint_key_is_refused_naming_the_file(tmp_path, m
     """Issue 48: an empty key file signed checkpoints with an empty HMAC key (anyone can forge those), and a
     key others can read lets them sign. Both are refused, naming the file, when the run starts (Checkpointer)."""
     from pipeline.checkpoint import Checkpointer, checkpoint_key
-    from pipeline.config import ConfigError
+    from pipeline.config import ConfigError, TrainConfig
     from pipeline.distributed import World
 
     key = tmp_path / "checkpoint.key"
@@ -307,11 +307,11 @@ def test_a_short_or_shared_checkpoint_key_is_refused_naming_the_file(tmp_path, m
         checkpoint_key()
     key.write_bytes(os.urandom(16))
     with pytest.raises(ConfigError, match=f"{re.escape(str(key))} holds 16 bytes"):
-        Checkpointer(tmp_path / "checkpoints", 2, world)
+        Checkpointer(tmp_path / "checkpoints", world, TrainConfig())
     key.write_bytes(os.urandom(32))
     key.chmod(0o644)
     with pytest.raises(ConfigError, match=f"{re.escape(str(key))} is readable or writable by others \\(mode 644\\)"):
-        Checkpointer(tmp_path / "checkpoints", 2, world)
+        Checkpointer(tmp_path / "checkpoints", world, TrainConfig())
     key.chmod(0o600)
     assert checkpoint_key() == key.read_bytes()
     made = tmp_path / "new" / "checkpoint.key"  # first use: 32 random bytes, mode 600
@@ -327,7 +327,7 @@ def test_every_rank_checks_the_checkpoint_files_it_unpickles(tmp_path, monkeypat
     import torch
 
     from pipeline.checkpoint import Checkpointer, check_signature, sign
-    from pipeline.config import ConfigError
+    from pipeline.config import ConfigError, TrainConfig
     from pipeline.distributed import World
 
     key = tmp_path / "checkpoint.key"
@@ -354,7 +354,7 @@ def test_every_rank_checks_the_checkpoint_files_it_unpickles(tmp_path, monkeypat
 
     rank1 = World(rank=1, local_rank=1, size=1, device=torch.device("cpu"))  # rank 1's view (a world of one)
     with pytest.raises(ConfigError, match="rank 1: .*zero_pp_rank_1_mp_rank_00_optim_states.pt changed"):
-        Checkpointer(tmp_path / "checkpoints", 2, rank1).load(Engine(), "step00000002")
+        Checkpointer(tmp_path / "checkpoints", rank1, TrainConfig(), Engine()).load("step00000002")
     assert not Engine.loaded
 
 

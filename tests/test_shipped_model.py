@@ -40,8 +40,8 @@ def test_the_shipped_model_is_listed_and_carries_its_card(capsys):
     text = card.read_text()
     for must in ("LSPET", "im08001", "mshg train", "MLflow", "PCK@0.2", "bare", "research use"):
         assert must in text, must
-    model, cfg, meta = load_trained(None)
-    assert meta["joints"][0] == "right_ankle" and cfg.data.input_size == 112
+    model, record = load_trained(None)
+    assert record.joints[0] == "right_ankle" and record.input_size == 112 and record.config.data.input_size == 112
 
 
 @pytest.mark.parametrize("how, floor", [("boxes", 0.30), ("bare", 0.25)])

@@ -72,8 +72,9 @@ def test_each_side_imports_only_what_it_needs():
 
 # What may be imported inside a function instead of at the top of its module: DALI (its graph in
 # pipeline.data; inference runs without it), deepspeed (after DS_ACCELERATOR is set), matplotlib (after its
-# backend is chosen); and in the command line's doors, each command's own module.
-LAZY_MODULES = ("pipeline.data", "nvidia.dali", "deepspeed", "matplotlib")
+# backend is chosen), torch's compiler (2.4 s to import, needed only with train.compile); and in the command
+# line's doors, each command's own module.
+LAZY_MODULES = ("pipeline.data", "nvidia.dali", "deepspeed", "matplotlib", "torch._inductor")
 COMMAND_DOORS = ("pipeline/cli.py", "pipeline/show.py")
 
 
@@ -92,3 +93,21 @@ def test_inference_modules_import_without_dali():
               "assert 'pipeline.data' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+MAX_PARAMETERS = 6  # more, and the call sites turn into rows of positional values nobody can check by eye
+
+
+def test_no_function_in_pipeline_takes_more_than_six_parameters():
+    """Settings that travel together travel as one object (a config section, the ModelRecord, EvalOptions): a
+    function or method (self/cls not counted, *args/**kwargs neither) names at most six parameters."""
+    crowded = []
+    for path in sorted((REPO / "pipeline").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+                names = names[1:] if names[:1] in (["self"], ["cls"]) else names
+                if len(names) > MAX_PARAMETERS:
+                    crowded.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({len(names)})")
+    assert not crowded, crowded

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.inference import decode_heatmaps
-from pipeline.targets import cascade_loss, joint_weights, make_targets, swap_flipped
+from pipeline.targets import LossEmphasis, cascade_loss, joint_weights, make_targets, swap_flipped
 
 pytestmark = pytest.mark.quick  # seconds each: `pytest -m quick` runs them
 
@@ -86,13 +86,13 @@ def test_fg_weight_weighs_errors_near_a_joint_only():
     zeros = [torch.zeros(1, 1, SIZE // s, SIZE // s) for s in STRIDES]
     plain, _ = cascade_loss(zeros, heatmaps, weights, STRIDES)
     # predicting nothing misses the joint's Gaussian, ~95 % of whose squared mass lies in the disc that counts 11 times
-    ratio = cascade_loss(zeros, heatmaps, weights, STRIDES, fg_weight=10.0)[0] / plain
+    ratio = cascade_loss(zeros, heatmaps, weights, STRIDES, LossEmphasis(fg=10.0))[0] / plain
     assert 10 < ratio < 11
     far = [h.clone() for h in (heatmaps[s] for s in STRIDES)]
     for p in far:
         p[..., 0, 0] += 1.0  # an error in the background, far from the joint, weighs as before
     extra = cascade_loss(far, heatmaps, weights, STRIDES)[0]
-    assert torch.isclose(cascade_loss(far, heatmaps, weights, STRIDES, fg_weight=10.0)[0], extra)
+    assert torch.isclose(cascade_loss(far, heatmaps, weights, STRIDES, LossEmphasis(fg=10.0))[0], extra)
 
 
 def test_twin_weight_weighs_a_joint_put_on_its_twin_only():
@@ -101,7 +101,7 @@ def test_twin_weight_weighs_a_joint_put_on_its_twin_only():
     perm = [1, 0, 2]
     heatmaps, weights = make_targets(kp, SIZE, STRIDES, sigma=2.0)
     truth = [heatmaps[s] for s in STRIDES]
-    loss = lambda preds, twin: cascade_loss(preds, heatmaps, weights, STRIDES, 10.0, twin, perm)[0]  # noqa: E731
+    loss = lambda preds, twin: cascade_loss(preds, heatmaps, weights, STRIDES, LossEmphasis(10.0, twin, perm))[0]  # noqa: E731
     double = [t.clone() for t in truth]
     for p, t in zip(double, truth):
         p[:, 0] += t[:, 1]  # the left joint also fires on the right one's truth: a double count
@@ -113,8 +113,8 @@ def test_twin_weight_weighs_a_joint_put_on_its_twin_only():
         p[:, 0, 0, -1] += 1.0  # far from both truths: weighs as before
         p[:, 2] += p[:, 2].roll(3, -1)  # the neck (no twin) put beside itself: as before
     assert torch.isclose(loss(elsewhere, 10.0), loss(elsewhere, 0.0))
-    with pytest.raises(ValueError, match="twin_weight needs flip_perm"):
-        cascade_loss(truth, heatmaps, weights, STRIDES, 0.0, 10.0)
+    with pytest.raises(ValueError, match="a twin weight needs flip_perm"):
+        LossEmphasis(twin=10.0)
 
 
 def test_flip_swaps_left_and_right_joints_only_for_flipped_samples():

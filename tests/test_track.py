@@ -93,8 +93,8 @@ def test_logged_model_and_onnx_reproduce_the_run_weights(tracked_run, tmp_path):
     from pipeline.weights import load_trained
 
     client, run, tmp, _ = tracked_run
-    model, cfg, meta = load_trained(tmp / "runs" / "tracked-run")
-    x = torch.randn(2, 3, cfg.data.input_size, cfg.data.input_size)
+    model, record = load_trained(tmp / "runs" / "tracked-run")
+    x = torch.randn(2, 3, record.input_size, record.input_size)
     with torch.no_grad():
         expected = model(x)[-1].numpy()
     logged = client.search_logged_models([run.info.experiment_id])
@@ -109,7 +109,7 @@ def test_logged_model_and_onnx_reproduce_the_run_weights(tracked_run, tmp_path):
     onnx_file = client.download_artifacts(run.info.run_id, "onnx/model.onnx", str(tmp_path))
     session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4)
-    assert json.loads(session.get_modelmeta().custom_metadata_map["joints"]) == meta["joints"]
+    assert json.loads(session.get_modelmeta().custom_metadata_map["joints"]) == record.joints
 
 
 def test_training_survives_the_server_going_away(lspet_shards, tmp_path):
@@ -318,12 +318,12 @@ def test_a_token_in_the_tracking_uri_is_never_shown(tmp_path, capsys):
     assert mask_credentials("http://127.0.0.1:5000/#/experiments/1") == "http://127.0.0.1:5000/#/experiments/1"
     uri = f"http://alice:s3cr3t@127.0.0.1:{free_port()}"  # nothing listens there
     code = """if True:
-        from pipeline.run_folder import RunFolder
+        from pipeline.run_folder import RunEnd, RunFolder
         from pipeline.track import Tracker
         t = Tracker(True, run_name="secret", system_metrics=False)
         folder = RunFolder("runs", "secret")
         folder.path.mkdir(parents=True)
-        print(folder.write_summary(None, "ckpt", None, "max_steps", 1, t.run_id, t.ui_command(), 1.0))
+        print(folder.write_summary(None, RunEnd("max_steps", 1, 1.0, "ckpt", None), t.run_id, t.ui_command()))
         t.finish()
     """
     env = run_env(tracking_uri=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")

@@ -335,9 +335,10 @@ ALIGNMENT_PROBE = """
 import sys
 from pipeline import distributed
 from pipeline.config import load_config
-from pipeline.train import build_engine
+from pipeline import train
+train.views_need_alignment = lambda world: True  # as on a GPU
 cfg = load_config(sys.argv[1], ["train.zero_stage=2"])
-engine = build_engine(cfg, distributed.init("cpu", 1), [f"j{k}" for k in range(14)], lambda: 0.0, align_views=True)[0]  # as on a GPU
+engine = train.build_engine(cfg, distributed.init("cpu", 1), [f"j{k}" for k in range(14)], lambda: 0.0)[0]
 params = list(engine.module.parameters())
 print(len(params), sum(p.numel() % 4 != 0 for p in params), sum(p.data_ptr() % 16 != 0 for p in params),
       sum(p.untyped_storage().nbytes() > p.nbytes for p in params))

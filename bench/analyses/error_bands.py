@@ -44,10 +44,11 @@ def main() -> None:
     p.add_argument("--shards", default="runs/shards/lspet-val")
     p.add_argument("--photos", choices=["boxes", "bare"], default="boxes")
     args = p.parse_args()
-    model, cfg, _ = load_trained(args.checkpoint, "cpu")
+    model, record = load_trained(args.checkpoint, "cpu")
+    cfg = record.config
     shards = ShardSet.open(args.shards)
     perm = shards.flip_permutation()
-    results, _ = evaluate_photos(model, cfg, shards, args.photos == "boxes", perm if cfg.eval.flip else None)
+    results, _ = evaluate_photos(model, cfg, shards, args.photos == "boxes")
     ids = sorted(results)
     out = bands(np.stack([results[i].pred for i in ids]), np.stack([results[i].gt for i in ids]), perm)
     weights = out["count"] / out["count"].sum()

@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--shards", default="runs/shards/lspet-val")
     args = p.parse_args()
-    model, cfg, _ = load_trained(args.checkpoint, "cpu")
+    model, record = load_trained(args.checkpoint, "cpu")
+    cfg = record.config
     shards = ShardSet.open(args.shards)
     perm = shards.flip_permutation()
     maps, matrices, truth, stride = [], [], [], 4

@@ -93,10 +93,10 @@ def main() -> None:
     args = p.parse_args()
     if bool(args.fix_root) != bool(args.out):
         p.error("--fix-root and --out go together")
-    model, cfg, _ = load_trained(args.checkpoint, "cpu")
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=[1.0]))  # one scale: 8,000 photos
+    model, record = load_trained(args.checkpoint, "cpu")
+    cfg = dataclasses.replace(record.config, eval=dataclasses.replace(record.config.eval, scales=[1.0]))  # one scale: 8,000 photos
     shards = ShardSet.open(args.shards)
-    results, _ = evaluate_photos(model, cfg, shards, True, shards.flip_permutation() if cfg.eval.flip else None)
+    results, _ = evaluate_photos(model, cfg, shards, True)
     flagged, histogram = flagged_ids(results, shards.flip_pairs)
     scored = int(histogram.sum())
     print(f"{args.shards}: {len(results)} photographs, {scored} with a torso; swapped votes per person "

@@ -52,7 +52,8 @@ def main() -> None:
     p.add_argument("--shards", default="runs/shards/lspet-val")
     p.add_argument("--size", type=int, default=None, help="input size (a multiple of 32); default the run's")
     args = p.parse_args()
-    model, cfg, _ = load_trained(args.checkpoint, "cpu")
+    model, record = load_trained(args.checkpoint, "cpu")
+    cfg = record.config
     shards = ShardSet.open(args.shards)
     samples = list(photo_samples(shards))
     size = args.size or cfg.data.input_size
