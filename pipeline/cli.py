@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # bad configs fail here, before DeepSpeed or any rank starts
     check_resumable(cfg)  # and so does --resume of a run without a checkpoint
     if args.ranks > 1:  # DeepSpeed's launcher starts the ranks; we repeat the run's summary at the end
-        from pipeline.distributed import choose_device, launcher_devices
+        from pipeline.distributed import allocator_preload, choose_device, launcher_devices
         from pipeline.run_folder import SUMMARY_FILE, RunFolder, default_run_name
         from pipeline.train import open_shards
 
@@ -86,12 +86,13 @@ def cmd_train(args) -> int:
         run_name = default_run_name(cfg)  # fixed here, so that every rank and the summary agree
         RunFolder(cfg.train.out_dir, run_name).check_free()  # and a run folder another run holds
         choose_device(cfg.train.device)  # the launcher counts devices of DS_ACCELERATOR's kind
+        preload = allocator_preload(cfg.train.allocator)  # the ranks inherit the launcher's environment
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [launcher, *launcher_devices(args.ranks), "--master_port", str(args.master_port),
                "--module", "pipeline.train", "--config", args.config, *args.overrides,
                f"train.run_name={run_name}"]
         print(" ".join(cmd), flush=True)
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env={**os.environ, "LD_PRELOAD": preload} if preload else None)
         summary = Path(cfg.train.out_dir) / run_name / SUMMARY_FILE
         if code == 0 and summary.is_file():
             print("\n" + summary.read_text(), end="", flush=True)

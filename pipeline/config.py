@@ -130,6 +130,10 @@ class TrainConfig:
     # torch threads per rank on a CPU; 0: the machine's cores shared out among the ranks on this node.
     # Set it where others share the machine (or several small runs share it: the tests run 1)
     cpu_threads: int = 0
+    # the memory allocator of CPU ranks that `mshg train --ranks N` starts: tcmalloc (LD_PRELOAD; Debian's
+    # libtcmalloc-minimal4) made the CPU recipe's real path 1.3x faster than glibc's malloc on the AVX2 machine
+    # (docs/results/throughput.md); auto: tcmalloc where it is installed, on CPU ranks | tcmalloc | system
+    allocator: str = "auto"
     log_every: int = 1
     eval_every: int = 0  # steps; 0: evaluate at the end only
     checkpoint_every: int = 0  # steps; 0: checkpoint at the end (and on a signal) only
@@ -241,6 +245,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {t.precision!r}")
     if t.device not in DEVICES:
         raise ConfigError(f"train.device must be one of {', '.join(DEVICES)}; got {t.device!r}")
+    if t.allocator not in ALLOCATORS:
+        raise ConfigError(f"train.allocator must be one of {', '.join(ALLOCATORS)}; got {t.allocator!r}")
     if t.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads must be >= 0 (0: the cores / ranks on the node); got {t.cpu_threads}")
     if not 0 <= t.ema_decay < 1:
@@ -322,6 +328,7 @@ def validate(cfg: Config) -> None:
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "step")
 INTERPOLATIONS = ("auto", "linear", "nn")
+ALLOCATORS = ("auto", "tcmalloc", "system")
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 RESUME_MODES = ("auto", "never", "require")

@@ -8,6 +8,7 @@ a world of one. On a machine without CUDA, DS_ACCELERATOR=cpu selects DeepSpeed'
 from __future__ import annotations
 
 import atexit
+import ctypes.util
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -113,6 +115,30 @@ def gpu_index(local_rank: int, visible: int) -> int:
                       f"one rank per visible GPU, or bind one GPU to each task")
 
 
+TCMALLOC = "libtcmalloc_minimal.so.4"  # Debian/Ubuntu: libtcmalloc-minimal4
+
+
+def allocator_preload(choice: str, environ=os.environ) -> str | None:
+    """The library the ranks of `mshg train --ranks N` preload (train.allocator), or None for glibc's malloc.
+    auto: tcmalloc on CPU ranks (DS_ACCELERATOR=cpu, set by choose_device) where it is installed; a GPU run's
+    host allocations are few. An LD_PRELOAD the user set is theirs: kept, nothing added."""
+    if choice == "system" or environ.get("LD_PRELOAD") or (choice == "auto" and environ.get("DS_ACCELERATOR") != "cpu"):
+        return None
+    found = ctypes.util.find_library("tcmalloc_minimal")
+    if found is None and choice == "tcmalloc":
+        raise ConfigError(f"train.allocator=tcmalloc, but {TCMALLOC} is not installed (Debian/Ubuntu: apt install "
+                          f"libtcmalloc-minimal4); or set train.allocator=system")
+    return found
+
+
+def allocator_in_use() -> str:
+    """"tcmalloc" when this process runs with it (preloaded), else "glibc": for the log and the run's tags."""
+    try:
+        return "tcmalloc" if "libtcmalloc" in Path("/proc/self/maps").read_text() else "glibc"
+    except OSError:
+        return "glibc"
+
+
 def launcher_devices(ranks: int, environ=os.environ) -> list[str]:
     """The DeepSpeed launcher's arguments for `ranks` ranks on this node. Its `--num_gpus N` drops
     CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1, which on a shared node belong to someone else: where
@@ -139,8 +165,9 @@ class World:
         return self.rank == 0
 
     def describe(self) -> str:
-        """"2 rank(s) on cpu (1 thread(s) each)" or "8 rank(s) on cuda:0": for the log."""
-        threads = f" ({torch.get_num_threads()} thread(s) each)" if self.device.type == "cpu" else ""
+        """"2 rank(s) on cpu (1 thread(s) each, tcmalloc malloc)" or "8 rank(s) on cuda:0": for the log."""
+        threads = (f" ({torch.get_num_threads()} thread(s) each, {allocator_in_use()} malloc)"
+                   if self.device.type == "cpu" else "")
         return f"{self.size} rank(s) on {self.device}{threads}"
 
 

@@ -595,7 +595,7 @@ def open_tracking(cfg: Config, folder: RunFolder, world: distributed.World, resu
     config_file = folder.save_config(cfg) if world.is_main else None
     trained_on = [shards.train, *shards.extra]
     tags = {"dataset": "+".join(s.dataset for s in trained_on), "config": cfg.name,
-            "zero_stage": cfg.train.zero_stage, "world_size": world.size}
+            "zero_stage": cfg.train.zero_stage, "world_size": world.size, "allocator": distributed.allocator_in_use()}
     tracker = Tracker(world.is_main, cfg.train.experiment, folder.path.name,
                       run_id=resumed["trainer"].get("mlflow_run_id") if resumed else None, tags=tags)
     if not resumed:

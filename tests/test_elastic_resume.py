@@ -10,6 +10,7 @@ the tests check what a user sees and that the learning rate of every step is the
 """
 from __future__ import annotations
 
+import ctypes.util
 import re
 
 import pytest
@@ -72,8 +73,12 @@ def test_one_rank_resumed_on_two(stage, lspet_shards, tmp_path):
                       stop={"max_steps": 8})
     first = train(tmp_path, cfg, "stop.max_epochs=1")
     assert "stopping at step 6: max_epochs" in first.stdout, first.stdout[-2000:]
+    assert "glibc malloc" in first.stdout  # one process, started without a preload
     proc = train(tmp_path, cfg, ranks=2)
     assert_recorded_elastic(tmp_path, "grow", proc.stdout + proc.stderr, step=6, old=1, new=2)
+    # train.allocator=auto: `mshg train --ranks N` preloads tcmalloc into CPU ranks where it is installed (CI does)
+    allocator = "tcmalloc" if ctypes.util.find_library("tcmalloc_minimal") else "glibc"
+    assert f"{allocator} malloc" in proc.stdout
     assert "lspet epoch 1: 0 samples drawn by 1 rank(s) x 8 -> position 0 of 2 rank(s) x 8" in proc.stdout
 
     client, run = find_run(tmp_path, "grow")

@@ -87,7 +87,7 @@ def test_one_run_accumulates_averages_and_keeps_fp32_statistics(lspet_shards, tm
         "run_name": "one", "micro_batch": 4, "grad_accum": 3, "ema_decay": 0.9, "precision": "bf16",
         "deepspeed": str(REPO / "configs" / "deepspeed" / "zero1.yaml")}, eval={"scales": [0.8, 1.0, 1.25]})
     proc = train(tmp_path, cfg)
-    assert "1 rank(s) on cpu (1 thread(s) each)" in proc.stdout  # train.cpu_threads=1 (conftest.tiny_config)
+    assert "1 rank(s) on cpu (1 thread(s) each, " in proc.stdout  # train.cpu_threads=1 (conftest.tiny_config)
     assert_accumulated_steps(tmp_path, "one", proc.stdout, ranks=1, micro=4, accum=3, steps=3, zero_stage=1)
 
     run_dir = tmp_path / "runs" / "one"
@@ -146,7 +146,7 @@ def test_cuda_without_cuda_is_a_clear_error_and_auto_says_what_it_chose(lspet_sh
     proc = train(tmp_path, cfg, "train.device=auto", "train.cpu_threads=0", "stop.max_steps=50",
                  "stop.expected_loss=100", "stop.tolerance=1", "stop.window=3")
     assert "train.device=auto: cpu (" in proc.stdout and "no GPU: training on the CPU over gloo" in proc.stdout
-    assert f"1 rank(s) on cpu ({os.cpu_count()} thread(s) each)" in proc.stdout
+    assert f"1 rank(s) on cpu ({os.cpu_count()} thread(s) each, " in proc.stdout
     assert "stopping at step 3" in proc.stdout and ": converged" in proc.stdout
     _, run = find_run(tmp_path, "dev")
     assert run.data.tags["stop_reason"] == "converged" and run.data.tags["stopped_at_step"] == "3"

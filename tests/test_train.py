@@ -33,7 +33,7 @@ def test_two_node_zero3_run_on_a_mix_accumulates_and_logs_every_stage_loss_and_b
     assert "cmd = pdsh " in stdout and "export DS_ACCELERATOR=cpu;" in stdout  # from .deepspeed_env
     for node_rank, host in enumerate(HOSTS):
         assert f"{host}: " in stdout and f"nnodes=2, num_local_procs=1, node_rank={node_rank}" in stdout
-    assert "2 rank(s) on cpu (1 thread(s) each)" in stdout
+    assert "2 rank(s) on cpu (1 thread(s) each, " in stdout
     assert "mixing 3 of lspet" in stdout and "1 of mpii" in stdout  # 3:1 of a micro-batch of 4
     assert_accumulated_steps(tmp, "ddp", stdout, ranks=2, micro=4, accum=2, steps=6, zero_stage=3)
     client, run = find_run(tmp, "ddp")
