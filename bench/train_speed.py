@@ -28,6 +28,7 @@ the targets alone; with --compile, torch.compile (its compile time printed, then
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import dataclasses
 import importlib
 import os
@@ -473,8 +474,9 @@ def main() -> None:
     return recipe_main(args)
 
 
-ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",  # Debian's libjemalloc2
-              "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}  # libtcmalloc-minimal4
+# found as the trainer finds tcmalloc (pipeline.distributed.allocator_preload); None where not installed
+ALLOCATORS = {"jemalloc": ctypes.util.find_library("jemalloc"),  # Debian's libjemalloc2
+              "tcmalloc": ctypes.util.find_library("tcmalloc_minimal")}  # libtcmalloc-minimal4
 
 
 def real_levers_main(args) -> None:
@@ -482,8 +484,7 @@ def real_levers_main(args) -> None:
     drifts over minutes): glibc's allocator (baseline) against jemalloc and tcmalloc (LD_PRELOAD), each rank
     pinned to its cores (DeepSpeed's --bind_cores_to_rank), and with --compile train.compile=true (its first
     round compiles cold; the steady rate leaves the compile out)."""
-    rows = {"baseline": {}, **{name: {"env_extra": {"LD_PRELOAD": lib}} for name, lib in ALLOCATORS.items()
-                                  if Path(lib).is_file()},
+    rows = {"baseline": {}, **{name: {"env_extra": {"LD_PRELOAD": lib}} for name, lib in ALLOCATORS.items() if lib},
             "pinned": {"bind_cores": True}}
     if args.compile:
         rows["compile"] = {"overrides": ["train.compile=true"]}
